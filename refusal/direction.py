@@ -1,0 +1,114 @@
+"""The refusal direction (difference of means), its selection, and candidate SAE features.
+
+r[layer, pos] = mean(h | harmful) − mean(h | harmless) at the post-instruction token
+positions (the chat-template tokens between the instruction and the reply). The
+(position, layer) is chosen as in Arditi et al. 2024: ablating r everywhere should
+stop refusal on harmful prompts (bypass score, lower is better), adding r at its layer
+should induce refusal on harmless prompts (induce score), and ablating r should barely
+change harmless first-token distributions (KL); the last 20% of layers are excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from refusal.engine import Engine, Feature
+from refusal.models import LM, Edit
+
+
+def post_instruction_positions(lm: LM) -> list[int]:
+    """Negative offsets of the template tokens that follow the user's instruction."""
+    marker = "XQZX"
+    ids = lm.tokenizer(lm.format([marker])[0], add_special_tokens=False)["input_ids"]
+    marker_ids = lm.tokenizer(marker, add_special_tokens=False)["input_ids"]
+    for end in range(len(ids), 0, -1):
+        if ids[end - len(marker_ids) : end] == marker_ids:
+            return list(range(end - len(ids), 0))
+    raise ValueError("the chat template does not contain the instruction verbatim")
+
+
+def mean_diff(engine: Engine, harmful: list[str], harmless: list[str]) -> torch.Tensor:
+    """Difference-of-means directions, shape (n_layers, n_positions, d_model)."""
+    positions = post_instruction_positions(engine.lm)
+    return engine.residual_means(harmful, positions) - engine.residual_means(harmless, positions)
+
+
+def _project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    return h - (h @ unit).unsqueeze(-1) * unit
+
+
+def ablation_edits(r: torch.Tensor) -> tuple[Edit, callable]:
+    """Edits removing direction r from the residual everywhere: after every block and at
+    the embeddings (Arditi et al. ablate it from every residual write)."""
+    unit = (r / r.norm()).float()
+
+    def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return _project_out(h, unit.to(h.dtype))
+
+    return edit, lambda h: _project_out(h, unit.to(h.dtype))
+
+
+def addition_edit(r: torch.Tensor, layer: int) -> Edit:
+    """Edit adding r to the residual at one layer (the layer r was read from)."""
+    def edit(at: int, h: torch.Tensor) -> torch.Tensor:
+        return h + r.to(h.dtype) if at == layer else h
+
+    return edit
+
+
+def first_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ edited) of next-token distributions, per prompt."""
+    clean, edited = clean_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return (clean.exp() * (clean - edited)).sum(-1)
+
+
+@dataclass
+class Selection:
+    layer: int
+    position: int  # negative offset from the end of the prompt
+    direction: torch.Tensor  # (d_model,), unnormalised difference of means
+    scores: list[dict]  # every candidate's bypass / induce / KL
+
+
+def select(engine: Engine, directions: torch.Tensor, harmful_val: list[str], harmless_val: list[str],
+           exclude_last_fraction: float = 0.2, kl_max: float = 0.1, induce_min: float = 0.0) -> Selection:
+    """Choose (position, layer) by bypass score among candidates passing the KL and induce filters."""
+    n_layers, n_positions, _ = directions.shape
+    positions = post_instruction_positions(engine.lm)
+    clean_harmless = engine.first_token_logits(harmless_val)
+    scores = []
+    max_layer = int(n_layers * (1 - exclude_last_fraction))
+    grid = [(layer, p) for p in range(n_positions) for layer in range(max_layer)]
+    for layer, p in tqdm(grid, desc="direction selection", unit="candidate"):
+        r = directions[layer, p]
+        edit, embed_edit = ablation_edits(r)
+        bypass = engine.refusal_scores(harmful_val, edit, embed_edit).mean().item()
+        induce = engine.refusal_scores(harmless_val, addition_edit(r, layer)).mean().item()
+        kl = first_token_kl(clean_harmless, engine.first_token_logits(harmless_val, edit, embed_edit)).mean().item()
+        scores.append({"layer": layer, "position": positions[p], "bypass": bypass, "induce": induce, "kl": kl})
+    ok = [s for s in scores if s["kl"] < kl_max and s["induce"] > induce_min] or scores
+    best = min(ok, key=lambda s: s["bypass"])
+    p = positions.index(best["position"])
+    return Selection(best["layer"], best["position"], directions[best["layer"], p], scores)
+
+
+def candidates(engine: Engine, directions: torch.Tensor, position: int, latents: dict[int, torch.Tensor],
+               top_k: int, cos_floor: float, min_activation: float = 0.0) -> list[tuple[Feature, float]]:
+    """Per SAE layer, the latents whose decoder rows are most aligned with that layer's
+    refusal direction (at the chosen position), kept where active on the prompt.
+
+    latents: the prompt's clean latents per layer, (T, d_sae) each.
+    """
+    positions = post_instruction_positions(engine.lm)
+    found = []
+    for layer, sae in engine.saes.items():
+        r = directions[layer, positions.index(position)].to(sae.W_dec)
+        cos = torch.nn.functional.cosine_similarity(sae.W_dec, r.unsqueeze(0), dim=-1)
+        active = latents[layer].max(0).values > min_activation
+        cos = torch.where(active & (cos >= cos_floor), cos, torch.full_like(cos, -2.0))
+        top = cos.topk(min(top_k, len(cos)))
+        found += [(Feature(layer, int(i)), float(c)) for c, i in zip(top.values, top.indices) if c > -2.0]
+    return found

