@@ -1,0 +1,121 @@
+"""The engine's scores equal a plain hooked full forward with sae-lens's own splice."""
+
+import pytest
+import torch
+
+from refusal.engine import Ablation, Feature
+from refusal.judge import refusal_score
+from tests.conftest import tiny_engine
+
+PROMPT = "Explain how to pick a lock on a neighbour's front door."
+
+
+def active_features(engine, cache, per_layer: int = 3) -> list[Feature]:
+    latents = engine.latents(cache)
+    return [Feature(layer, int(i)) for layer, z in latents.items()
+            for i in z.max(0).values.topk(per_layer).indices]
+
+
+def reference_scores(engine, features, masks) -> torch.Tensor:
+    """Full HF forward per mask with hooks doing decode(edit(encode(h))) + error, via sae-lens."""
+    lm, strength = engine.lm, engine.ablation.strength
+    batch = lm.tokenize([PROMPT])
+    scores = []
+    for mask in masks:
+        chosen = [f for f, m in zip(features, mask) if m]
+
+        def splice(layer):
+            def hook(module, args, h):
+                sae = engine.saes[layer]
+                z = sae.encode(h)
+                edited = z.clone()
+                for f in chosen:
+                    if f.layer == layer:
+                        edited[..., f.latent] *= 1 - strength
+                return sae.decode(edited) + (h - sae.decode(z))
+            return hook
+
+        handles = [lm.blocks[layer].register_forward_hook(splice(layer)) for layer in engine.saes]
+        try:
+            logits = lm.model(**batch).logits[:, -1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        scores.append(refusal_score(logits, engine.refusal_ids))
+    return torch.cat(scores)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+@pytest.mark.parametrize("ablation", [Ablation(), Ablation(mode="scale", scale=-2.0)], ids=["zero", "clamp"])
+def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation):
+    engine = tiny_engine(tiny_lm, layers=(1, 2), architecture=architecture, ablation=ablation, batch_size=3)
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    masks = torch.tensor([[0] * 6, [1] * 6, [1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1]])
+    ours = engine.score(cache, features, masks)
+    expected = reference_scores(engine, features, masks)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert ours[1] != pytest.approx(ours[0])  # the ablation did change something
+    assert engine.evals == len(masks)
+
+
+def test_empty_mask_is_the_clean_model(tiny_lm):
+    engine = tiny_engine(tiny_lm)
+    cache = engine.prepare(PROMPT)
+    logits = tiny_lm.model(**tiny_lm.tokenize([PROMPT])).logits[:, -1]
+    clean = refusal_score(logits, engine.refusal_ids).item()
+    assert cache.score == pytest.approx(clean, abs=1e-4)
+    features = active_features(engine, cache)
+    assert engine.score(cache, features, torch.zeros(1, len(features))).item() == pytest.approx(clean, abs=1e-4)
+
+
+def test_latents_are_read_before_their_own_edit(tiny_llama):
+    engine = tiny_engine(tiny_llama, layers=(1, 2))
+    cache = engine.prepare(PROMPT)
+    clean = engine.latents(cache)
+    batch = tiny_llama.tokenize([PROMPT])
+    h2 = tiny_llama.run_blocks(tiny_llama.embed(batch["input_ids"]), 0, 3)
+    torch.testing.assert_close(clean[2], engine.saes[2].encode(h2[0]))
+    own = [Feature(2, int(clean[2].max(0).values.argmax()))]
+    torch.testing.assert_close(engine.latents(cache, own)[2], clean[2])
+    upstream = [Feature(1, int(i)) for i in clean[1].max(0).values.topk(5).indices]
+    assert not torch.allclose(engine.latents(cache, upstream)[2], clean[2])
+
+
+def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
+    engine = tiny_engine(tiny_llama, batch_size=8)
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    expected = engine.score(cache, features, torch.ones(5, len(features)))
+    real = engine._score_chunk
+
+    def flaky(cache, features, masks):
+        if len(masks) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(cache, features, masks)
+
+    monkeypatch.setattr(engine, "_score_chunk", flaky)
+    got = engine.score(cache, features, torch.ones(5, len(features)))
+    assert engine.batch_size == 2
+    torch.testing.assert_close(got, expected)
+
+
+def test_generate_without_features_is_plain_greedy(tiny_llama):
+    engine = tiny_engine(tiny_llama)
+    batch = tiny_llama.tokenize([PROMPT])
+    out = tiny_llama.model.generate(**batch, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    expected = tiny_llama.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert engine.generate([PROMPT], max_new_tokens=6) == [expected]
+
+
+def test_generation_edit_matches_scoring_edit(tiny_llama):
+    """The hooked generation path applies the same edit: its first token's logits agree."""
+    engine = tiny_engine(tiny_llama)
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    edit = engine.feature_edit(features)
+    batch = tiny_llama.tokenize([PROMPT])
+    with engine._hooked(edit, prompt_only=True):
+        hooked = refusal_score(tiny_llama.model(**batch).logits[:, -1], engine.refusal_ids)
+    torch.testing.assert_close(hooked, engine.score(cache, features, torch.ones(1, len(features))))
