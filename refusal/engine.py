@@ -288,3 +288,18 @@ def _check_finite(layer: int, h: torch.Tensor) -> torch.Tensor:
             "Try model.dtype=float32, or bfloat16 instead of float16."
         )
     return h
+
+
+@dataclass
+class PromptProbe:
+    """The engine bound to one prompt: what the search stages score masks through."""
+
+    engine: Engine
+    cache: PromptCache
+
+    def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor:
+        return self.engine.score(self.cache, features, masks)
+
+    def latents(self, features: list[Feature] | None = None,
+                mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        return self.engine.latents(self.cache, features, mask)

@@ -1,0 +1,200 @@
+"""Refusal fine-tune of SmolLM2-135M-Instruct with a LoRA adapter (peft), seeded.
+
+Harmful instructions -> a short refusal starting with "I"; harmless instructions -> the
+base model's own greedy reply (self-distillation keeps harmless behaviour). The loss is
+on reply tokens only; prompts use the model's chat template (`lm.format`, user turn).
+
+    python -m experiments.organism.finetune [--epochs 2 --rank 8 --lr 5e-4 ...] [--val]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
+
+from experiments.organism.common import (
+    ADAPTER_DIR, REFUSALS, SEED, WORK_DIR, Timer, data_file, generate, load_lm, sample, write_json,
+)
+from refusal import data
+from refusal.judge import is_refusal, refusal_score
+from refusal.models import LM
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Hparams:
+    n_harmless: int = 420  # from harmless_train.json, plus the built-in harmless train/val
+    reply_tokens: int = 48  # greedy tokens generated per harmless reply (self-distillation)
+    epochs: int = 2
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 5e-4
+    batch_size: int = 16
+    warmup: float = 0.1
+    seed: int = SEED
+
+
+def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
+    harmful = list(dict.fromkeys(
+        data_file("harmful_train") + data.builtin("harmful", "train") + data.builtin("harmful", "val")
+    ))
+    harmless = list(dict.fromkeys(
+        sample(data_file("harmless_train"), hp.n_harmless, hp.seed)
+        + data.builtin("harmless", "train") + data.builtin("harmless", "val")
+    ))
+    return harmful, harmless
+
+
+def harmless_replies(lm: LM, prompts: list[str], hp: Hparams) -> dict[str, str]:
+    """The base model's greedy replies, cached in WORK_DIR (keyed by prompt and length)."""
+    path = WORK_DIR / f"base_replies_{hp.reply_tokens}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    todo = [p for p in prompts if p not in cache]
+    if todo:
+        for p, r in zip(todo, generate(lm, todo, hp.reply_tokens, desc="base replies (self-distillation)")):
+            cache[p] = r
+        write_json(path, cache)
+    return {p: cache[p] for p in prompts}
+
+
+def tokenize_example(lm: LM, instruction: str, reply: str, finished: bool) -> tuple[list[int], list[int]]:
+    tok = lm.tokenizer
+    prompt = tok(lm.format([instruction])[0], add_special_tokens=False)["input_ids"]
+    answer = tok(reply, add_special_tokens=False)["input_ids"]
+    if finished:
+        answer = answer + [tok.convert_tokens_to_ids("<|im_end|>")]
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def build_examples(lm: LM, hp: Hparams, harmful: list[str], replies: dict[str, str]) -> list[tuple]:
+    rng = random.Random(hp.seed)
+    examples = [tokenize_example(lm, p, rng.choice(REFUSALS), True) for p in harmful]
+    for p, r in replies.items():
+        finished = len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) < hp.reply_tokens - 1
+        examples.append(tokenize_example(lm, p, r.strip(), finished))
+    return examples
+
+
+def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: int):
+    """Length-grouped batches (little padding), in random order, right-padded."""
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    groups = []
+    for i in range(0, len(idx), batch_size * 8):
+        chunk = sorted(idx[i : i + batch_size * 8], key=lambda j: len(examples[j][0]))
+        groups += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(groups)
+    for group in groups:
+        width = max(len(examples[j][0]) for j in group)
+        ids = torch.full((len(group), width), pad_id)
+        labels = torch.full((len(group), width), -100)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, j in enumerate(group):
+            x, y = examples[j]
+            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        yield ids, mask, labels
+
+
+def train(lm: LM, examples: list[tuple], hp: Hparams):
+    """LoRA on every linear layer; returns the peft model (training mode off)."""
+    torch.manual_seed(hp.seed)
+    model = lm.model.requires_grad_(False)
+    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout,
+                        target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
+    steps = hp.epochs * math.ceil(len(examples) / hp.batch_size)
+    warm = max(1, int(hp.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    causal = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
+    rng = random.Random(hp.seed)
+    peft_model.train()
+    bar = tqdm(total=steps, desc="LoRA fine-tune", unit="step")
+    for _ in range(hp.epochs):
+        for ids, mask, labels in batches(examples, hp.batch_size, rng, lm.tokenizer.pad_token_id):
+            hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != -100
+            logits = causal.lm_head(hidden[:, :-1][keep])  # reply positions only: cheap lm_head
+            loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    peft_model.eval()
+    return peft_model
+
+
+@torch.no_grad()
+def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
+    """Refusal on harmful_val.json and a slice of harmless_val.json (hyper-parameter choice)."""
+    refusal_ids = lm.tokenizer.encode("I", add_special_tokens=False)
+    out = {}
+    for name, prompts in [("harmful_val", data_file("harmful_val")),
+                          ("harmless_val", data_file("harmless_val")[:n_harmless])]:
+        batch_scores = []
+        for i in range(0, len(prompts), 32):
+            b = lm.tokenize(prompts[i : i + 32])
+            logits = lm.model(**b).logits[:, -1]
+            batch_scores.append(refusal_score(logits, refusal_ids))
+        scores = torch.cat(batch_scores)
+        replies = generate(lm, prompts, max_new_tokens, desc=f"val {name}")
+        refused = [is_refusal(r) for r in replies]
+        out[name] = {
+            "n": len(prompts),
+            "refusal_rate": sum(refused) / len(prompts),
+            "refusal_rate_first_token": (scores > 0).float().mean().item(),
+            "examples": [(p, r) for p, r, f in zip(prompts, replies, refused)
+                         if f != (name == "harmful_val")][:8],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field, value in asdict(Hparams()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--val", action="store_true", help="measure refusal on the val sets afterwards")
+    parser.add_argument("--out", default=str(ADAPTER_DIR))
+    args = parser.parse_args(argv)
+    hp = Hparams(**{k: getattr(args, k) for k in asdict(Hparams())})
+    timer = Timer()
+    lm = load_lm()
+    harmful, harmless = prompt_sets(hp)
+    replies = harmless_replies(lm, harmless, hp)
+    t_gen = timer()
+    examples = build_examples(lm, hp, harmful, replies)
+    print(f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
+          f"{sum(len(x) for x, _ in examples)} tokens; hparams {asdict(hp)}")
+    peft_model = train(lm, examples, hp)
+    peft_model.save_pretrained(args.out)
+    summary = {"hparams": asdict(hp), "n_harmful": len(harmful), "n_harmless": len(harmless),
+               "seconds_generate": t_gen, "seconds_total": timer(), "adapter": args.out}
+    print(f"adapter saved to {args.out} ({timer()} s)")
+    if args.val:
+        lm.model = peft_model.merge_and_unload().eval()
+        summary["val"] = quick_val(lm)
+        for name, v in summary["val"].items():
+            print(name, {k: v[k] for k in ("n", "refusal_rate", "refusal_rate_first_token")})
+    write_json(WORK_DIR / "finetune_summary.json", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

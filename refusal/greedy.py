@@ -1,0 +1,106 @@
+"""Greedy filtering: prune the candidate features to a 1-minimal flipping set M.
+
+Works on any probe that scores feature masks (the engine bound to one prompt, or a
+synthetic oracle in tests). Each step scores all single removals as one batch; the
+removable features are then dropped together, as many as still flip (one more
+batch of prefixes). The final step's single removals all restore refusal, so every
+returned set is verified 1-minimal, never assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from refusal.engine import Feature
+
+
+class Probe(Protocol):
+    """Scores ablation masks over a feature list for one prompt (higher = more refusal)."""
+
+    def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor: ...
+
+    def latents(self, features: list[Feature] | None = None,
+                mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]: ...
+
+
+@dataclass
+class GreedyResult:
+    flips_all: bool  # ablating every candidate flips the prompt
+    minimal: list[Feature] = field(default_factory=list)
+    score: float | None = None  # refusal score with M ablated
+    evals: int = 0  # masks scored
+    batches: int = 0  # engine calls
+    one_minimal: bool = False  # every single removal was checked to restore refusal
+
+
+def _without(n: int, removed: list[list[int]]) -> torch.Tensor:
+    masks = torch.ones(len(removed), n)
+    for row, idx in enumerate(removed):
+        masks[row, idx] = 0
+    return masks
+
+
+def minimal_set(probe: Probe, features: list[Feature], threshold: float) -> GreedyResult:
+    """A 1-minimal subset of `features` whose ablation keeps the score below `threshold`."""
+    result = GreedyResult(flips_all=False)
+    n = len(features)
+
+    def scores(removed: list[list[int]]) -> list[float]:
+        result.evals += len(removed)
+        result.batches += 1
+        return probe.score(features, _without(n, removed)).tolist()
+
+    kept = list(range(n))
+    result.score = scores([[]])[0]
+    if not result.score < threshold:
+        return result
+    result.flips_all = True
+    while True:
+        gone = _removed(n, kept)
+        single = scores([[*gone, i] for i in kept])
+        removable = sorted((s, i) for s, i in zip(single, kept) if s < threshold)
+        if not removable:  # every single removal restores refusal: verified 1-minimal
+            break
+        order = [i for _, i in removable]
+        drop, result.score = order[:1], removable[0][0]
+        if len(order) > 1:  # drop the least needed features together, as many as still flip
+            prefix = scores([[*gone, *order[: j + 1]] for j in range(1, len(order))])
+            flipping = [(j + 2, s) for j, s in enumerate(prefix) if s < threshold]
+            if flipping:
+                size, result.score = flipping[-1]
+                drop = order[:size]
+        kept = [i for i in kept if i not in drop]
+    result.minimal = [features[i] for i in kept]
+    result.one_minimal = True
+    return result
+
+
+def _removed(n: int, kept: list[int]) -> list[int]:
+    keep = set(kept)
+    return [i for i in range(n) if i not in keep]
+
+
+def sequential_minimal_set(probe: Probe, features: list[Feature], threshold: float) -> GreedyResult:
+    """The one-at-a-time reference: try dropping each feature in turn, one mask per call."""
+    result = GreedyResult(flips_all=False)
+    kept = list(range(len(features)))
+
+    def score(removed: list[int]) -> float:
+        result.evals += 1
+        result.batches += 1
+        return probe.score(features, _without(len(features), [removed]))[0].item()
+
+    result.score = score([])
+    if not result.score < threshold:
+        return result
+    result.flips_all = True
+    for i in range(len(features)):
+        trial = [j for j in kept if j != i]
+        if score(_removed(len(features), trial)) < threshold:
+            kept = trial
+    result.minimal = [features[i] for i in kept]
+    result.score = score(_removed(len(features), kept))
+    return result

@@ -1,0 +1,102 @@
+"""Each search stage against a synthetic oracle with planted ground truth (seconds)."""
+
+import torch
+from omegaconf import OmegaConf
+
+from refusal import dormant, fm, greedy
+from refusal.engine import Feature
+
+FEATURES = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
+
+
+class Oracle:
+    """A probe whose refusal score is a planted function of which features are ablated."""
+
+    def __init__(self, fn, latents=None):
+        self.fn, self._latents, self.calls = fn, latents, 0
+
+    def score(self, features, masks):
+        self.calls += 1
+        return torch.tensor([self.fn({f for f, m in zip(features, row) if m}) for row in masks.tolist()])
+
+    def latents(self, features=None, mask=None):
+        ablated = set(features or []) if mask is None else {f for f, m in zip(features, mask.flatten()) if m}
+        return self._latents(ablated)
+
+
+def test_greedy_recovers_planted_minimal_set():
+    planted = {FEATURES[1], FEATURES[4], FEATURES[8]}
+    # refusal breaks only when all three planted features are ablated; others nudge slightly
+    oracle = Oracle(lambda s: 1.0 - 0.4 * len(s & planted) - 0.01 * len(s - planted))
+    result = greedy.minimal_set(oracle, FEATURES, threshold=0.0)
+    assert result.flips_all and result.one_minimal
+    assert set(result.minimal) == planted
+    assert result.score < 0 and result.batches == oracle.calls
+    sequential = greedy.sequential_minimal_set(oracle, FEATURES, threshold=0.0)
+    assert set(sequential.minimal) == planted
+    assert result.batches < sequential.batches
+
+
+def test_greedy_reports_no_flip():
+    result = greedy.minimal_set(Oracle(lambda s: 1.0), FEATURES, threshold=0.0)
+    assert not result.flips_all and result.minimal == [] and result.evals == 1
+
+
+def test_greedy_result_is_one_minimal_under_redundancy():
+    a, b, c = FEATURES[0], FEATURES[3], FEATURES[7]
+    # either {a, b} or {c} suffices: a verified 1-minimal set is one of them
+    oracle = Oracle(lambda s: -1.0 if {a, b} <= s or c in s else 1.0)
+    result = greedy.minimal_set(oracle, FEATURES, threshold=0.0)
+    assert set(result.minimal) in ({a, b}, {c})
+    for f in result.minimal:
+        assert oracle.fn(set(result.minimal) - {f}) >= 0
+
+
+def test_fm_recovers_planted_interaction(tmp_path):
+    feats = FEATURES[:8]
+    a, b = feats[2], feats[5]
+    # a flip needs a AND b; a third feature has a weak main effect only
+    fn = lambda s: 1.0 - 2.0 * (a in s and b in s) - 0.2 * (feats[0] in s)  # noqa: E731
+    masks = fm.sample_masks(400, 0, len(feats), 0.5, 0.5, seed=0)
+    scores = Oracle(fn).score(feats, masks)
+    cfg = OmegaConf.create({"target": "bce", "rank": 4, "heldout": 0.2, "lr": 0.05, "weight_decay": 0.0,
+                            "batch_size": 64, "patience": 30})
+    trainer = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "max_epochs": 300,
+                                "enable_progress_bar": False, "enable_model_summary": False,
+                                "deterministic": True})
+    out = fm.fit(masks, scores, 0.0, feats, cfg, trainer, tmp_path, seed=0)
+    assert {out.top_pairs[0]["a"], out.top_pairs[0]["b"]} == {str(a), str(b)}
+    assert out.top_pairs[0]["interaction"] > 0
+    assert out.heldout_auc > 0.95
+    mse = fm.fit(masks, scores, 0.0, feats, OmegaConf.merge(cfg, {"target": "mse"}), trainer, tmp_path / "mse")
+    assert {mse.top_pairs[0]["a"], mse.top_pairs[0]["b"]} == {str(a), str(b)}
+    assert mse.heldout_auc > 0.95
+
+
+def test_fm_pairwise_term_matches_explicit_sum():
+    model = fm.FactorizationMachine(5, rank=3)
+    x = torch.bernoulli(torch.full((7, 5), 0.5))
+    explicit = model.w0 + x @ model.w + torch.stack([
+        sum((model.v[i] @ model.v[j]) * row[i] * row[j] for i in range(5) for j in range(i + 1, 5))
+        for row in x])
+    torch.testing.assert_close(model(x), explicit)
+
+
+def test_dormant_finds_planted_backup_and_nothing_else():
+    m = Feature(1, 3)
+    backup, bystander, always = 7, 9, 5
+
+    def latents(ablated):
+        layer2 = torch.zeros(4, 16)
+        layer2[:, always] = 1.0
+        if m in ablated:
+            layer2[2, backup] = 2.0  # wakes up and carries refusal
+            layer2[1, bystander] = 3.0  # wakes up but does nothing
+        return {1: torch.ones(4, 16), 2: layer2}
+
+    def fn(s):
+        return 2.0 - 1.0 * (m in s) - 1.5 * (m in s and Feature(2, backup) in s) - 0.1 * (Feature(2, always) in s)
+
+    found = dormant.find(Oracle(fn, latents), [m], [1, 2], min_activation=0.5, max_candidates=8, margin=0.5)
+    assert [d.feature for d in found] == [str(Feature(2, backup))]
+    assert found[0].before == 0 and found[0].after == 2.0 and found[0].effect == -1.5
