@@ -74,14 +74,19 @@ class Selection:
 
 
 def select(engine: Engine, directions: torch.Tensor, harmful_val: list[str], harmless_val: list[str],
-           exclude_last_fraction: float = 0.2, kl_max: float = 0.1, induce_min: float = 0.0) -> Selection:
-    """Choose (position, layer) by bypass score among candidates passing the KL and induce filters."""
-    n_layers, n_positions, _ = directions.shape
+           exclude_last_fraction: float = 0.2, kl_max: float = 0.1, induce_min: float = 0.0,
+           n_positions: int | None = None) -> Selection:
+    """Choose (position, layer) by bypass score among candidates passing the KL and induce filters.
+
+    n_positions limits the search to the last n post-instruction positions (None: all).
+    """
+    n_layers, all_positions, _ = directions.shape
     positions = post_instruction_positions(engine.lm)
+    first = all_positions - min(n_positions or all_positions, all_positions)
     clean_harmless = engine.first_token_logits(harmless_val)
     scores = []
     max_layer = int(n_layers * (1 - exclude_last_fraction))
-    grid = [(layer, p) for p in range(n_positions) for layer in range(max_layer)]
+    grid = [(layer, p) for p in range(first, all_positions) for layer in range(max_layer)]
     for layer, p in tqdm(grid, desc="direction selection", unit="candidate"):
         r = directions[layer, p]
         edit, embed_edit = ablation_edits(r)

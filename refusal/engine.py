@@ -236,9 +236,9 @@ class Engine:
             self.lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=record)
         return (total / len(instructions)).float()
 
-    def feature_edit(self, features: list[Feature], rows: int = 1) -> MaskEdit:
-        """The edit ablating all `features` on every row (used across different prompts)."""
-        return MaskEdit(self, features, torch.ones(rows, len(features), device=self.lm.device))
+    def feature_edit(self, features: list[Feature]) -> MaskEdit:
+        """The edit ablating all `features` on every row of any batch, on any prompt."""
+        return MaskEdit(self, features, torch.ones(1, len(features), device=self.lm.device))
 
     # -- generation, to verify flips --------------------------------------------------
 
@@ -247,7 +247,7 @@ class Engine:
                  max_new_tokens: int = 48) -> list[str]:
         """Greedy replies with `features` ablated (prompt tokens only, or all, per Ablation)."""
         batch = self.lm.tokenize(instructions)
-        edit = self.feature_edit(features or [], len(instructions))
+        edit = self.feature_edit(features or [])
         with self._hooked(edit, prompt_only=self.ablation.positions == "prompt"):
             out = self.lm.model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False,

@@ -1,30 +1,33 @@
 """The stages of a run, in order: baseline → direction → greedy → interactions → dormant.
 
-Each stage reads what the previous ones left in the run directory and appends its own
-results there as it goes.
+Each stage appends its results to the run directory as it goes (`results.jsonl`, one
+line per prompt per stage); a resumed run skips every (stage, prompt) already there.
 """
 
 from __future__ import annotations
 
+import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from refusal import data, judge, models, saes
-from refusal.engine import Ablation, Engine
+from refusal import data, direction, dormant, fm, greedy, judge, models, saes
+from refusal.engine import Ablation, Engine, Feature, PromptProbe
 from refusal.tracking import RunDir
 
 console = Console(stderr=True)
+RESULTS = "results.jsonl"
 
 
 @dataclass
 class Run:
-    """Everything a stage needs: the config, model, SAEs, prompts, engine and run dir."""
+    """Everything a stage needs: the config, model, engine, prompts and run directory."""
 
     cfg: DictConfig
     lm: models.LM
@@ -32,13 +35,31 @@ class Run:
     prompts: data.Prompts
     out: RunDir
 
+    @property
+    def threshold(self) -> float:
+        return self.cfg.judge.threshold
+
     def refuses(self, score: float, reply: str) -> bool:
-        return score > self.cfg.judge.threshold and judge.is_refusal(reply)
+        return score > self.threshold and self.is_refusal(reply)
+
+    def is_refusal(self, reply: str) -> bool:
+        return judge.is_refusal(reply, self.cfg.judge.markers or judge.REFUSAL_MARKERS)
+
+    def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
+        return self.engine.generate([instruction], features, self.cfg.judge.max_new_tokens)[0]
+
+    def done(self, stage: str) -> dict[int, dict]:
+        """Rows already written for a stage, by prompt id (all of them on resume)."""
+        return {r["prompt_id"]: r for r in self.out.read(RESULTS) if r.get("stage") == stage}
+
+    def record(self, row: dict) -> dict:
+        self.out.append(RESULTS, row)
+        return row
 
 
 def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
-    prompts = data.load(cfg.data)  # cheap checks first: bad prompt files fail before loading a model
+    prompts = data.load(cfg.data)  # cheap checks first: a bad prompt file fails before the model loads
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
         sae_by_layer = saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed)
@@ -46,44 +67,169 @@ def setup(cfg: DictConfig) -> Run:
         lm, sae_by_layer, judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens)),
         Ablation(**cfg.search.ablation), batch_size=cfg.search.batch_size,
     )
-    return Run(cfg, lm, engine, prompts, RunDir(cfg.paths.output_dir))
+    out = RunDir(cfg.paths.output_dir)
+    if not cfg.resume and out.read(RESULTS):
+        out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
+    return Run(cfg, lm, engine, prompts, out)
 
 
 def baseline(run: Run) -> list[dict]:
-    """Judge every evaluation prompt; only prompts the model refuses go on."""
+    """Judge every evaluation prompt; only those the model refuses go on."""
+    done = run.done("baseline")
     rows = []
     for i, instruction in enumerate(tqdm(run.prompts.eval, desc="baseline", unit="prompt")):
+        if i in done:
+            rows.append(done[i])
+            continue
         score = run.engine.prepare(instruction).score
-        reply = run.engine.generate([instruction], max_new_tokens=run.cfg.judge.max_new_tokens)[0]
-        row = {"stage": "baseline", "prompt_id": i, "instruction": instruction, "score": score,
-               "reply": reply, "refused": run.refuses(score, reply)}
-        run.out.append("results.jsonl", row)
-        rows.append(row)
+        reply = run.reply(instruction)
+        rows.append(run.record({"stage": "baseline", "prompt_id": i, "instruction": instruction,
+                                "score": score, "reply": reply, "refused": run.refuses(score, reply)}))
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    table = Table(title="baseline")
-    for column in ("id", "refused", "score", "instruction", "reply"):
+def refusal_direction(run: Run) -> tuple[torch.Tensor, direction.Selection]:
+    """Difference-of-means directions for every layer, and the selected (layer, position)."""
+    path = run.out.path / "direction.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["directions"], direction.Selection(**saved["selection"])
+    cfg, p = run.cfg.search.direction, run.prompts
+    with console.status("refusal direction: difference of means"):
+        directions = direction.mean_diff(run.engine, p.harmful_train, p.harmless_train)
+    selection = direction.select(
+        run.engine, directions, p.harmful_val, p.harmless_val, cfg.exclude_last_fraction,
+        cfg.kl_max, cfg.induce_min, cfg.n_positions,
+    )
+    torch.save({"directions": directions, "selection": asdict(selection)}, path)
+    run.out.write_json("direction.json", {k: v for k, v in asdict(selection).items() if k != "direction"})
+    return directions, selection
+
+
+def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) -> dict:
+    """Candidates → greedy minimal set → verification → FM interactions → dormant → KL."""
+    cfg = run.cfg.search
+    instruction = row["instruction"]
+    probe = PromptProbe(run.engine, run.engine.prepare(instruction))
+    evals_before, started = run.engine.evals, time.time()
+    clean = probe.latents()
+    found = direction.candidates(run.engine, directions, position, clean, cfg.candidates.top_k,
+                                 cfg.candidates.cos_floor, cfg.candidates.min_activation)
+    features = [f for f, _ in found]
+    result = {"stage": "search", "prompt_id": row["prompt_id"], "instruction": instruction,
+              "clean_score": probe.cache.score,
+              "candidates": [{"feature": str(f), "cos": c} for f, c in found]}
+    minimal = greedy.minimal_set(probe, features, run.threshold) if features else None
+    result["greedy"] = None if minimal is None else {
+        "flips_all": minimal.flips_all, "minimal": [str(f) for f in minimal.minimal],
+        "size": len(minimal.minimal), "score": minimal.score, "evals": minimal.evals,
+        "batches": minimal.batches, "one_minimal": minimal.one_minimal}
+    if minimal and minimal.flips_all:
+        reply = run.reply(instruction, minimal.minimal)
+        result.update(reply_after=reply, flip_verified=not run.is_refusal(reply))
+        result["interactions"] = interactions(run, probe, row["prompt_id"], minimal.minimal, clean, found)
+        result["dormant"] = [d.to_dict() for d in dormant.find(
+            probe, minimal.minimal, list(run.engine.saes), cfg.dormant.min_activation,
+            cfg.dormant.max_candidates, cfg.dormant.margin)]
+        result["harmless_kl"] = harmless_kl(run, minimal.minimal)
+    else:
+        result["flip_verified"] = False
+    result["evals"] = run.engine.evals - evals_before
+    result["seconds"] = time.time() - started
+    return run.record(result)
+
+
+def interactions(run: Run, probe: PromptProbe, prompt_id: int, minimal: list[Feature], clean: dict,
+                 found: list[tuple[Feature, float]]) -> dict:
+    """FM over M plus other features active on the prompt (candidates first, then strongest)."""
+    cfg = run.cfg.search.fm
+    extra = [f for f, _ in found if f not in minimal]
+    for layer, z in clean.items():
+        extra += [Feature(layer, int(i)) for i in z.max(0).values.argsort(descending=True)[: cfg.max_extra]]
+    extra = list(dict.fromkeys(f for f in extra if f not in minimal))[: cfg.max_extra]
+    features = minimal + extra
+    masks = fm.sample_masks(cfg.n_masks, len(minimal), len(extra), cfg.p_minimal, cfg.p_extra,
+                            seed=run.cfg.seed + prompt_id)
+    scores = probe.score(features, masks)
+    out_dir = run.out.path / "fm" / f"prompt_{prompt_id}"
+    readout = fm.fit(masks, scores, run.threshold, features, cfg, run.cfg.trainer, out_dir, seed=run.cfg.seed)
+    return {"features": [str(f) for f in features], "n_masks": len(masks),
+            "flip_fraction": (scores < run.threshold).float().mean().item(), **asdict(readout)}
+
+
+def harmless_kl(run: Run, features: list[Feature]) -> float:
+    """Capability cost: mean first-token KL on harmless val prompts with the set ablated."""
+    prompts = run.prompts.harmless_val[: run.cfg.search.capability.n_prompts]
+    clean = run.engine.first_token_logits(prompts)
+    ablated = run.engine.first_token_logits(prompts, run.engine.feature_edit(features))
+    return direction.first_token_kl(clean, ablated).mean().item()
+
+
+def summarize(run: Run, rows: list[dict], searched: list[dict], selection, started: float) -> dict:
+    flipped = [s for s in searched if s.get("flip_verified")]
+    n_refused = sum(r["refused"] for r in rows)
+    evals = sum(s["evals"] for s in searched)
+    seconds = sum(s["seconds"] for s in searched)
+    return {
+        "n_eval": len(rows),
+        "n_refused": n_refused,
+        "n_flipped_verified": len(flipped),
+        "flip_rate": len(flipped) / n_refused if n_refused else None,
+        "minimal_set_sizes": [s["greedy"]["size"] for s in flipped],
+        "all_minimal_verified": all(s["greedy"]["one_minimal"] for s in flipped),
+        "fm_heldout_auc": [s["interactions"]["heldout_auc"] for s in flipped],
+        "harmless_kl": [s["harmless_kl"] for s in flipped],
+        "n_dormant": sum(len(s["dormant"]) for s in flipped),
+        "direction": None if selection is None else {"layer": selection.layer, "position": selection.position},
+        "evals_per_s": evals / seconds if seconds else None,
+        "seconds_per_prompt": [s["seconds"] for s in searched],
+        "wall_seconds": time.time() - started,
+        "seed": run.cfg.seed,
+        "versions": {p: version(p) for p in ("torch", "transformers", "sae-lens", "lightning", "refusal")}
+        | {"python": platform.python_version()},
+        "config": OmegaConf.to_container(
+            OmegaConf.masked_copy(run.cfg, [k for k in run.cfg if k != "hydra"]), resolve=True),
+    }
+
+
+def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
+    table = Table(title="refusal search, per prompt")
+    for column in ("id", "refused", "score", "|M|", "flip", "FM AUC", "dormant", "KL", "instruction"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(str(r["prompt_id"]), "yes" if r["refused"] else "no", f"{r['score']:.2f}",
-                      r["instruction"][:60], r["reply"][:60].replace("\n", " "))
+        s = searched.get(r["prompt_id"], {})
+        g = s.get("greedy") or {}
+        auc = (s.get("interactions") or {}).get("heldout_auc")
+        table.add_row(
+            str(r["prompt_id"]), "yes" if r["refused"] else "no", f"{r['score']:.2f}",
+            str(g.get("size", "")) if s.get("flip_verified") else "", "yes" if s.get("flip_verified") else "",
+            "" if auc is None else f"{auc:.2f}", str(len(s["dormant"])) if "dormant" in s else "",
+            f"{s['harmless_kl']:.3f}" if "harmless_kl" in s else "", r["instruction"][:50],
+        )
     Console().print(table)
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Run the configured stages; return the optimised summary metric."""
-    start = time.time()
+    """Run every stage; print the per-prompt table; return the optimised summary metric."""
+    started = time.time()
     state = setup(cfg)
     rows = baseline(state)
-    n_refused = sum(r["refused"] for r in rows)
-    summary = {"n_eval": len(rows), "n_refused": n_refused, "wall_seconds": time.time() - start,
-               "stages_run": ["baseline"]}
+    refused = [r for r in rows if r["refused"]]
+    searched, selection = {}, None
+    if not refused:
+        console.print("[yellow]no evaluation prompt was refused at baseline: nothing to search.[/]")
+    elif "direction" in cfg.search.stages:
+        directions, selection = refusal_direction(state)
+        done = state.done("search")
+        for row in tqdm(refused, desc="search", unit="prompt"):
+            searched[row["prompt_id"]] = done.get(row["prompt_id"]) or search_prompt(
+                state, row, directions, selection.position)
+    summary = summarize(state, rows, list(searched.values()), selection, started)
     state.out.write_json("summary.json", summary)
-    print_table(rows)
+    print_table(rows, searched)
     console.print(
-        f"baseline: the model refused {n_refused} of {len(rows)} evaluation prompts. "
+        f"refused {summary['n_refused']}/{summary['n_eval']}; verified flips {summary['n_flipped_verified']}; "
+        f"minimal set sizes {summary['minimal_set_sizes']}; dormant {summary['n_dormant']}. "
         f"Results in {state.out.path}"
     )
-    return None
+    return summary.get(cfg.optimized_metric)
