@@ -1,8 +1,8 @@
 """Hydra entry point: compose conf/, then run the search pipeline.
 
-    python train.py                                   # the embedded organism
-    python train.py model=gemma2_2b_it sae=gemma_scope_res_16k 'layers=[12]'
-    python train.py -m 'layers=[6],[12],[18],[24]'    # a layer sweep
+python train.py                                   # the embedded organism
+python train.py model=gemma2_2b_it sae=gemma_scope_res_16k 'layers=[12]'
+python train.py -m 'layers=[6],[12],[18],[24]'    # a layer sweep
 """
 
 import os

@@ -50,7 +50,9 @@ def builtin(name: str, split: str = "all") -> list[str]:
         raise DataError(f"built-in split '{split}' is not one of {SPLITS}.")
     path = resources.files("refusal") / "prompts" / f"{name}.json"
     if not path.is_file():
-        raise DataError(f"no built-in prompt set '{name}': choose builtin:harmful/... or builtin:harmless/...")
+        raise DataError(
+            f"no built-in prompt set '{name}': choose builtin:harmful/... or builtin:harmless/..."
+        )
     rows = json.loads(path.read_text())
     return [r["instruction"] for r in rows if split == "all" or r["split"] == split]
 
@@ -61,10 +63,14 @@ def _text(row: object, where: str) -> str:
     elif isinstance(row, dict):
         field = next((f for f in TEXT_FIELDS if f in row), None)
         if field is None:
-            raise DataError(f"{where}: no prompt field; expected one of {list(TEXT_FIELDS)}, got {list(row)}.")
+            raise DataError(
+                f"{where}: no prompt field; expected one of {list(TEXT_FIELDS)}, got {list(row)}."
+            )
         text = row[field]
     else:
-        raise DataError(f"{where}: a prompt must be a string or an object, got {type(row).__name__}.")
+        raise DataError(
+            f"{where}: a prompt must be a string or an object, got {type(row).__name__}."
+        )
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: the prompt is empty or not text ({text!r}).")
     return text
@@ -99,7 +105,9 @@ def _read_csv(path: Path) -> list[str]:
         if not reader.fieldnames:
             return []
         if not any(field in reader.fieldnames for field in TEXT_FIELDS):
-            raise DataError(f"{path}, line 1: no prompt column; expected one of {list(TEXT_FIELDS)}.")
+            raise DataError(
+                f"{path}, line 1: no prompt column; expected one of {list(TEXT_FIELDS)}."
+            )
         return [_text(row, f"{path}, line {n}") for n, row in enumerate(reader, start=2)]
 
 
@@ -127,7 +135,7 @@ def from_hub(dataset_id: str) -> list[str]:
     config, split, column = HUB_DATASETS.get(dataset_id, (None, "train", None))
     require_hub(
         f"the dataset '{dataset_id}'",
-        "Save its prompts as a JSON list of {\"instruction\": ...} and pass the file path instead.",
+        'Save its prompts as a JSON list of {"instruction": ...} and pass the file path instead.',
     )
     import datasets
 
@@ -154,6 +162,7 @@ def load_source(source: str) -> list[str]:
 
 def load(cfg: DictConfig) -> Prompts:
     """The five prompt sets a `data=` config names, capped at n_train / n_val / max_eval."""
+
     def capped(source: str, n: int | None) -> list[str]:
         prompts = load_source(source)
         return prompts[:n] if n is not None else prompts

@@ -53,6 +53,7 @@ def ablation_edits(r: torch.Tensor) -> tuple[Edit, callable]:
 
 def addition_edit(r: torch.Tensor, layer: int) -> Edit:
     """Edit adding r to the residual at one layer (the layer r was read from)."""
+
     def edit(at: int, h: torch.Tensor) -> torch.Tensor:
         return h + r.to(h.dtype) if at == layer else h
 
@@ -73,9 +74,16 @@ class Selection:
     scores: list[dict]  # every candidate's bypass / induce / KL
 
 
-def select(engine: Engine, directions: torch.Tensor, harmful_val: list[str], harmless_val: list[str],
-           exclude_last_fraction: float = 0.2, kl_max: float = 0.1, induce_min: float = 0.0,
-           n_positions: int | None = None) -> Selection:
+def select(
+    engine: Engine,
+    directions: torch.Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    exclude_last_fraction: float = 0.2,
+    kl_max: float = 0.1,
+    induce_min: float = 0.0,
+    n_positions: int | None = None,
+) -> Selection:
     """Choose (position, layer) by bypass score among candidates passing the KL and induce filters.
 
     n_positions limits the search to the last n post-instruction positions (None: all).
@@ -92,16 +100,31 @@ def select(engine: Engine, directions: torch.Tensor, harmful_val: list[str], har
         edit, embed_edit = ablation_edits(r)
         bypass = engine.refusal_scores(harmful_val, edit, embed_edit).mean().item()
         induce = engine.refusal_scores(harmless_val, addition_edit(r, layer)).mean().item()
-        kl = first_token_kl(clean_harmless, engine.first_token_logits(harmless_val, edit, embed_edit)).mean().item()
-        scores.append({"layer": layer, "position": positions[p], "bypass": bypass, "induce": induce, "kl": kl})
+        kl = (
+            first_token_kl(
+                clean_harmless, engine.first_token_logits(harmless_val, edit, embed_edit)
+            )
+            .mean()
+            .item()
+        )
+        scores.append(
+            {"layer": layer, "position": positions[p], "bypass": bypass, "induce": induce, "kl": kl}
+        )
     ok = [s for s in scores if s["kl"] < kl_max and s["induce"] > induce_min] or scores
     best = min(ok, key=lambda s: s["bypass"])
     p = positions.index(best["position"])
     return Selection(best["layer"], best["position"], directions[best["layer"], p], scores)
 
 
-def candidates(engine: Engine, directions: torch.Tensor, position: int, latents: dict[int, torch.Tensor],
-               top_k: int, cos_floor: float, min_activation: float = 0.0) -> list[tuple[Feature, float]]:
+def candidates(
+    engine: Engine,
+    directions: torch.Tensor,
+    position: int,
+    latents: dict[int, torch.Tensor],
+    top_k: int,
+    cos_floor: float,
+    min_activation: float = 0.0,
+) -> list[tuple[Feature, float]]:
     """Per SAE layer, the latents whose decoder rows are most aligned with that layer's
     refusal direction (at the chosen position), kept where active on the prompt.
 
@@ -115,5 +138,7 @@ def candidates(engine: Engine, directions: torch.Tensor, position: int, latents:
         active = latents[layer].max(0).values > min_activation
         cos = torch.where(active & (cos >= cos_floor), cos, torch.full_like(cos, -2.0))
         top = cos.topk(min(top_k, len(cos)))
-        found += [(Feature(layer, int(i)), float(c)) for c, i in zip(top.values, top.indices) if c > -2.0]
+        found += [
+            (Feature(layer, int(i)), float(c)) for c, i in zip(top.values, top.indices) if c > -2.0
+        ]
     return found

@@ -31,8 +31,14 @@ class Dormant:
         return asdict(self)
 
 
-def find(probe: Probe, minimal: list[Feature], layers: list[int], min_activation: float,
-         max_candidates: int, margin: float) -> list[Dormant]:
+def find(
+    probe: Probe,
+    minimal: list[Feature],
+    layers: list[int],
+    min_activation: float,
+    max_candidates: int,
+    margin: float,
+) -> list[Dormant]:
     """Dormant latents at each SAE layer after the first layer M touches; checked causally."""
     clean = probe.latents()
     found = []
@@ -53,14 +59,25 @@ def find(probe: Probe, minimal: list[Feature], layers: list[int], min_activation
             effect = scores[row + 1] - scores[0]
             if abs(effect) > margin:
                 before = clean[layer][:, latent].max().item()
-                found.append(Dormant(str(Feature(layer, latent)), layer, latent, before, after,
-                                     scores[0], scores[row + 1], effect))
+                found.append(
+                    Dormant(
+                        str(Feature(layer, latent)),
+                        layer,
+                        latent,
+                        before,
+                        after,
+                        scores[0],
+                        scores[row + 1],
+                        effect,
+                    )
+                )
     return found
 
 
-def _woken(clean: torch.Tensor, ablated: torch.Tensor, min_activation: float,
-           limit: int) -> list[tuple[int, float]]:
-    """Latents silent on the clean prompt and above min_activation after ablation, strongest first."""
+def _woken(
+    clean: torch.Tensor, ablated: torch.Tensor, min_activation: float, limit: int
+) -> list[tuple[int, float]]:
+    """Latents silent on the clean prompt and above min_activation once ablated, strongest first."""
     before, after = clean.max(0).values, ablated.max(0).values
     candidates = ((before <= 0) & (after > min_activation)).nonzero().flatten()
     strongest = after[candidates].argsort(descending=True)[:limit]

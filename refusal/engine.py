@@ -83,8 +83,13 @@ def latent_acts(sae: SAE, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return acts
 
 
-def ablation_delta(sae: SAE, h: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                   acts: torch.Tensor | None = None) -> torch.Tensor:
+def ablation_delta(
+    sae: SAE,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor,
+    acts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Change of the error-preserving splice when latents idx lose `weight` of their value.
 
     weight broadcasts against (..., T, len(idx)); `acts` may pass precomputed activations.
@@ -101,8 +106,13 @@ def ablation_delta(sae: SAE, h: torch.Tensor, idx: torch.Tensor, weight: torch.T
 class MaskEdit:
     """The residual edit that ablates, for batch row b, the features mask[b] selects."""
 
-    def __init__(self, engine: Engine, features: list[Feature], masks: torch.Tensor,
-                 first_latents: torch.Tensor | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        features: list[Feature],
+        masks: torch.Tensor,
+        first_latents: torch.Tensor | None = None,
+    ):
         self.engine = engine
         self.first_latents = first_latents
         self.by_layer = {}
@@ -126,8 +136,14 @@ class MaskEdit:
 class Engine:
     """Scores ablation masks for a model and its SAEs; see the module docstring."""
 
-    def __init__(self, lm: LM, saes: dict[int, SAE], refusal_ids: list[int],
-                 ablation: Ablation = Ablation(), batch_size: int = 64):
+    def __init__(
+        self,
+        lm: LM,
+        saes: dict[int, SAE],
+        refusal_ids: list[int],
+        ablation: Ablation = Ablation(),
+        batch_size: int = 64,
+    ):
         self.lm, self.saes, self.refusal_ids, self.ablation = lm, saes, refusal_ids, ablation
         self.start = min(saes)
         self.batch_size = batch_size
@@ -139,14 +155,18 @@ class Engine:
     def prepare(self, instruction: str) -> PromptCache:
         """Run the prompt to the first SAE layer once; check numerics on a clean pass."""
         batch = self.lm.tokenize([instruction])
-        h = self.lm.run_blocks(self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite)
+        h = self.lm.run_blocks(
+            self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite
+        )
         latents = self.saes[self.start].encode(h[0])
         rest = self.lm.run_blocks(h, self.start + 1, edit=_check_finite)
         score = refusal_score(self.lm.next_token_logits(rest[:, -1]), self.refusal_ids).item()
         return PromptCache(instruction, batch["input_ids"], h, latents, score)
 
     @torch.no_grad()
-    def score(self, cache: PromptCache, features: list[Feature], masks: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
+    ) -> torch.Tensor:
         """First-token refusal score for each mask row (masks: (B, len(features)) in {0,1})."""
         masks = torch.as_tensor(masks, device=self.lm.device)
         if masks.ndim == 1:
@@ -155,13 +175,17 @@ class Engine:
         self.evals += len(masks)
         return scores
 
-    def _score_chunk(self, cache: PromptCache, features: list[Feature], masks: torch.Tensor) -> torch.Tensor:
+    def _score_chunk(
+        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
+    ) -> torch.Tensor:
         edit = MaskEdit(self, features, masks, first_latents=cache.latents)
         h = edit(self.start, cache.hidden.expand(len(masks), -1, -1))
         h = self.lm.run_blocks(h, self.start + 1, edit=edit)
         return refusal_score(self.lm.next_token_logits(h[:, -1]), self.refusal_ids).cpu()
 
-    def _batched(self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _batched(
+        self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """Apply fn to chunks of rows, halving the batch size on out-of-memory."""
         out, i = [], 0
         while i < len(rows):
@@ -181,14 +205,20 @@ class Engine:
     # -- full encodes, once per prompt -------------------------------------------------
 
     @torch.no_grad()
-    def latents(self, cache: PromptCache, features: list[Feature] | None = None,
-                mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def latents(
+        self,
+        cache: PromptCache,
+        features: list[Feature] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Every SAE's latents (T, d_sae) on this prompt, under an optional ablation mask.
 
         Latents at a layer are read before that layer's own edit is applied.
         """
         features = features or []
-        mask = torch.ones(1, len(features)) if mask is None else torch.as_tensor(mask).reshape(1, -1)
+        mask = (
+            torch.ones(1, len(features)) if mask is None else torch.as_tensor(mask).reshape(1, -1)
+        )
         edit = MaskEdit(self, features, mask.to(self.lm.device), first_latents=cache.latents)
         seen = {self.start: cache.latents}
 
@@ -204,8 +234,12 @@ class Engine:
     # -- batched full forwards over many prompts ---------------------------------------
 
     @torch.no_grad()
-    def first_token_logits(self, instructions: list[str], edit: Edit | None = None,
-                           embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def first_token_logits(
+        self,
+        instructions: list[str],
+        edit: Edit | None = None,
+        embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Next-token logits (N, vocab) at the reply's start, with an optional residual edit."""
         out = []
         for i in range(0, len(instructions), self.batch_size):
@@ -216,9 +250,15 @@ class Engine:
             out.append(self.lm.next_token_logits(h[:, -1]).float().cpu())
         return torch.cat(out)
 
-    def refusal_scores(self, instructions: list[str], edit: Edit | None = None,
-                       embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        return refusal_score(self.first_token_logits(instructions, edit, embed_edit), self.refusal_ids)
+    def refusal_scores(
+        self,
+        instructions: list[str],
+        edit: Edit | None = None,
+        embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return refusal_score(
+            self.first_token_logits(instructions, edit, embed_edit), self.refusal_ids
+        )
 
     @torch.no_grad()
     def residual_means(self, instructions: list[str], positions: list[int]) -> torch.Tensor:
@@ -243,17 +283,25 @@ class Engine:
     # -- generation, to verify flips --------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, instructions: list[str], features: list[Feature] | None = None,
-                 max_new_tokens: int = 48) -> list[str]:
+    def generate(
+        self,
+        instructions: list[str],
+        features: list[Feature] | None = None,
+        max_new_tokens: int = 48,
+    ) -> list[str]:
         """Greedy replies with `features` ablated (prompt tokens only, or all, per Ablation)."""
         batch = self.lm.tokenize(instructions)
         edit = self.feature_edit(features or [])
         with self._hooked(edit, prompt_only=self.ablation.positions == "prompt"):
             out = self.lm.model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 pad_token_id=self.lm.tokenizer.pad_token_id,
             )
-        return self.lm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.lm.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
 
     @contextmanager
     def _hooked(self, edit: MaskEdit, prompt_only: bool) -> Iterator[None]:
@@ -268,9 +316,12 @@ class Engine:
                 if state["prefill"] or not prompt_only:
                     return edit(layer, output)
                 return output
+
             return apply
 
-        handles = [self.lm.blocks[layer].register_forward_hook(hook(layer)) for layer in edit.by_layer]
+        handles = [
+            self.lm.blocks[layer].register_forward_hook(hook(layer)) for layer in edit.by_layer
+        ]
         last = self.lm.blocks[self.lm.n_layers - 1].register_forward_hook(
             lambda *_: state.update(prefill=False)
         )
@@ -300,6 +351,7 @@ class PromptProbe:
     def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor:
         return self.engine.score(self.cache, features, masks)
 
-    def latents(self, features: list[Feature] | None = None,
-                mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    def latents(
+        self, features: list[Feature] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
         return self.engine.latents(self.cache, features, mask)

@@ -26,8 +26,14 @@ from refusal.engine import Feature
 class FactorizationMachine(L.LightningModule):
     """Degree-2 FM; `target` is "bce" (predict the flip) or "mse" (the refusal score)."""
 
-    def __init__(self, n_features: int, rank: int = 4, target: str = "bce", lr: float = 0.05,
-                 weight_decay: float = 1e-4):
+    def __init__(
+        self,
+        n_features: int,
+        rank: int = 4,
+        target: str = "bce",
+        lr: float = 0.05,
+        weight_decay: float = 1e-4,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.w0 = torch.nn.Parameter(torch.zeros(1))
@@ -66,14 +72,23 @@ class FactorizationMachine(L.LightningModule):
             self.log("val_auc", binary_auroc(self.flip_logit(pred).sigmoid(), flip.long()))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
 
 
 class MaskDataModule(L.LightningDataModule):
     """Mask / target pairs with a seeded held-out split."""
 
-    def __init__(self, masks: torch.Tensor, target: torch.Tensor, flips: torch.Tensor,
-                 heldout: float = 0.2, batch_size: int = 64, seed: int = 0):
+    def __init__(
+        self,
+        masks: torch.Tensor,
+        target: torch.Tensor,
+        flips: torch.Tensor,
+        heldout: float = 0.2,
+        batch_size: int = 64,
+        seed: int = 0,
+    ):
         super().__init__()
         order = torch.randperm(len(masks), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, int(len(masks) * heldout))
@@ -83,15 +98,20 @@ class MaskDataModule(L.LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=len(self.val))
 
 
-def sample_masks(n_masks: int, n_minimal: int, n_extra: int, p_minimal: float, p_extra: float,
-                 seed: int) -> torch.Tensor:
+def sample_masks(
+    n_masks: int, n_minimal: int, n_extra: int, p_minimal: float, p_extra: float, seed: int
+) -> torch.Tensor:
     """Bernoulli masks: minimal-set features with p_minimal, extra features with p_extra.
 
     Row 0 ablates exactly the minimal set and row 1 nothing, so both outcomes appear.
@@ -122,9 +142,18 @@ def heldout_auc(model: FactorizationMachine, data: MaskDataModule) -> float | No
         return binary_auroc(model.flip_logit(model(x)).sigmoid(), flips.long()).item()
 
 
-def fit(masks: torch.Tensor, scores: torch.Tensor, threshold: float, features: list[Feature],
-        cfg: DictConfig, trainer_cfg: DictConfig, out_dir: Path, logger=False, seed: int = 0,
-        top_pairs: int = 10) -> FMReadout:
+def fit(
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    threshold: float,
+    features: list[Feature],
+    cfg: DictConfig,
+    trainer_cfg: DictConfig,
+    out_dir: Path,
+    logger=False,
+    seed: int = 0,
+    top_pairs: int = 10,
+) -> FMReadout:
     """Train the FM with the configured Lightning Trainer and read out effects and pairs."""
     L.seed_everything(seed, workers=True, verbose=False)
     flips = (scores < threshold).float()
@@ -133,25 +162,41 @@ def fit(masks: torch.Tensor, scores: torch.Tensor, threshold: float, features: l
     model = FactorizationMachine(masks.shape[1], cfg.rank, cfg.target, cfg.lr, cfg.weight_decay)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="fm", monitor="val_loss", save_top_k=1)
     trainer: L.Trainer = hydra.utils.instantiate(
-        trainer_cfg, callbacks=[EarlyStopping("val_loss", patience=cfg.patience), checkpoint],
-        logger=logger, default_root_dir=str(out_dir),
+        trainer_cfg,
+        callbacks=[EarlyStopping("val_loss", patience=cfg.patience), checkpoint],
+        logger=logger,
+        default_root_dir=str(out_dir),
     )
     trainer.fit(model, datamodule=data)
     if checkpoint.best_model_path:
         model = FactorizationMachine.load_from_checkpoint(checkpoint.best_model_path)
-    return readout(model, data, features, checkpoint.best_model_path or None, trainer.current_epoch, top_pairs)
+    return readout(
+        model, data, features, checkpoint.best_model_path or None, trainer.current_epoch, top_pairs
+    )
 
 
-def readout(model: FactorizationMachine, data: MaskDataModule, features: list[Feature],
-            checkpoint: str | None, epochs: int, top_pairs: int) -> FMReadout:
+def readout(
+    model: FactorizationMachine,
+    data: MaskDataModule,
+    features: list[Feature],
+    checkpoint: str | None,
+    epochs: int,
+    top_pairs: int,
+) -> FMReadout:
     inter = model.interactions().detach()
     i, j = torch.triu_indices(len(features), len(features), offset=1)
     strongest = inter[i, j].abs().argsort(descending=True)[:top_pairs]
     return FMReadout(
         heldout_auc=heldout_auc(model, data),
         main_effects=[{"feature": str(f), "w": w} for f, w in zip(features, model.w.tolist())],
-        top_pairs=[{"a": str(features[i[k]]), "b": str(features[j[k]]), "interaction": inter[i[k], j[k]].item()}
-                   for k in strongest.tolist()],
+        top_pairs=[
+            {
+                "a": str(features[i[k]]),
+                "b": str(features[j[k]]),
+                "interaction": inter[i[k], j[k]].item(),
+            }
+            for k in strongest.tolist()
+        ],
         interactions=inter.tolist(),
         checkpoint=checkpoint,
         epochs=epochs,

@@ -22,8 +22,9 @@ class Probe(Protocol):
 
     def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor: ...
 
-    def latents(self, features: list[Feature] | None = None,
-                mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]: ...
+    def latents(
+        self, features: list[Feature] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]: ...
 
 
 @dataclass

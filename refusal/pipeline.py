@@ -59,13 +59,18 @@ class Run:
 
 def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
-    prompts = data.load(cfg.data)  # cheap checks first: a bad prompt file fails before the model loads
+    prompts = data.load(
+        cfg.data
+    )  # cheap checks first: a bad prompt file fails before the model loads
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
         sae_by_layer = saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed)
     engine = Engine(
-        lm, sae_by_layer, judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens)),
-        Ablation(**cfg.search.ablation), batch_size=cfg.search.batch_size,
+        lm,
+        sae_by_layer,
+        judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens)),
+        Ablation(**cfg.search.ablation),
+        batch_size=cfg.search.batch_size,
     )
     out = RunDir(cfg.paths.output_dir)
     if not cfg.resume and out.read(RESULTS):
@@ -83,8 +88,18 @@ def baseline(run: Run) -> list[dict]:
             continue
         score = run.engine.prepare(instruction).score
         reply = run.reply(instruction)
-        rows.append(run.record({"stage": "baseline", "prompt_id": i, "instruction": instruction,
-                                "score": score, "reply": reply, "refused": run.refuses(score, reply)}))
+        rows.append(
+            run.record(
+                {
+                    "stage": "baseline",
+                    "prompt_id": i,
+                    "instruction": instruction,
+                    "score": score,
+                    "reply": reply,
+                    "refused": run.refuses(score, reply),
+                }
+            )
+        )
     return rows
 
 
@@ -98,11 +113,19 @@ def refusal_direction(run: Run) -> tuple[torch.Tensor, direction.Selection]:
     with console.status("refusal direction: difference of means"):
         directions = direction.mean_diff(run.engine, p.harmful_train, p.harmless_train)
     selection = direction.select(
-        run.engine, directions, p.harmful_val, p.harmless_val, cfg.exclude_last_fraction,
-        cfg.kl_max, cfg.induce_min, cfg.n_positions,
+        run.engine,
+        directions,
+        p.harmful_val,
+        p.harmless_val,
+        cfg.exclude_last_fraction,
+        cfg.kl_max,
+        cfg.induce_min,
+        cfg.n_positions,
     )
     torch.save({"directions": directions, "selection": asdict(selection)}, path)
-    run.out.write_json("direction.json", {k: v for k, v in asdict(selection).items() if k != "direction"})
+    run.out.write_json(
+        "direction.json", {k: v for k, v in asdict(selection).items() if k != "direction"}
+    )
     return directions, selection
 
 
@@ -113,24 +136,54 @@ def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) 
     probe = PromptProbe(run.engine, run.engine.prepare(instruction))
     evals_before, started = run.engine.evals, time.time()
     clean = probe.latents()
-    found = direction.candidates(run.engine, directions, position, clean, cfg.candidates.top_k,
-                                 cfg.candidates.cos_floor, cfg.candidates.min_activation)
+    found = direction.candidates(
+        run.engine,
+        directions,
+        position,
+        clean,
+        cfg.candidates.top_k,
+        cfg.candidates.cos_floor,
+        cfg.candidates.min_activation,
+    )
     features = [f for f, _ in found]
-    result = {"stage": "search", "prompt_id": row["prompt_id"], "instruction": instruction,
-              "clean_score": probe.cache.score,
-              "candidates": [{"feature": str(f), "cos": c} for f, c in found]}
+    result = {
+        "stage": "search",
+        "prompt_id": row["prompt_id"],
+        "instruction": instruction,
+        "clean_score": probe.cache.score,
+        "candidates": [{"feature": str(f), "cos": c} for f, c in found],
+    }
     minimal = greedy.minimal_set(probe, features, run.threshold) if features else None
-    result["greedy"] = None if minimal is None else {
-        "flips_all": minimal.flips_all, "minimal": [str(f) for f in minimal.minimal],
-        "size": len(minimal.minimal), "score": minimal.score, "evals": minimal.evals,
-        "batches": minimal.batches, "one_minimal": minimal.one_minimal}
+    result["greedy"] = (
+        None
+        if minimal is None
+        else {
+            "flips_all": minimal.flips_all,
+            "minimal": [str(f) for f in minimal.minimal],
+            "size": len(minimal.minimal),
+            "score": minimal.score,
+            "evals": minimal.evals,
+            "batches": minimal.batches,
+            "one_minimal": minimal.one_minimal,
+        }
+    )
     if minimal and minimal.flips_all:
         reply = run.reply(instruction, minimal.minimal)
         result.update(reply_after=reply, flip_verified=not run.is_refusal(reply))
-        result["interactions"] = interactions(run, probe, row["prompt_id"], minimal.minimal, clean, found)
-        result["dormant"] = [d.to_dict() for d in dormant.find(
-            probe, minimal.minimal, list(run.engine.saes), cfg.dormant.min_activation,
-            cfg.dormant.max_candidates, cfg.dormant.margin)]
+        result["interactions"] = interactions(
+            run, probe, row["prompt_id"], minimal.minimal, clean, found
+        )
+        result["dormant"] = [
+            d.to_dict()
+            for d in dormant.find(
+                probe,
+                minimal.minimal,
+                list(run.engine.saes),
+                cfg.dormant.min_activation,
+                cfg.dormant.max_candidates,
+                cfg.dormant.margin,
+            )
+        ]
         result["harmless_kl"] = harmless_kl(run, minimal.minimal)
     else:
         result["flip_verified"] = False
@@ -139,22 +192,43 @@ def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) 
     return run.record(result)
 
 
-def interactions(run: Run, probe: PromptProbe, prompt_id: int, minimal: list[Feature], clean: dict,
-                 found: list[tuple[Feature, float]]) -> dict:
+def interactions(
+    run: Run,
+    probe: PromptProbe,
+    prompt_id: int,
+    minimal: list[Feature],
+    clean: dict,
+    found: list[tuple[Feature, float]],
+) -> dict:
     """FM over M plus other features active on the prompt (candidates first, then strongest)."""
     cfg = run.cfg.search.fm
     extra = [f for f, _ in found if f not in minimal]
     for layer, z in clean.items():
-        extra += [Feature(layer, int(i)) for i in z.max(0).values.argsort(descending=True)[: cfg.max_extra]]
+        extra += [
+            Feature(layer, int(i))
+            for i in z.max(0).values.argsort(descending=True)[: cfg.max_extra]
+        ]
     extra = list(dict.fromkeys(f for f in extra if f not in minimal))[: cfg.max_extra]
     features = minimal + extra
-    masks = fm.sample_masks(cfg.n_masks, len(minimal), len(extra), cfg.p_minimal, cfg.p_extra,
-                            seed=run.cfg.seed + prompt_id)
+    masks = fm.sample_masks(
+        cfg.n_masks,
+        len(minimal),
+        len(extra),
+        cfg.p_minimal,
+        cfg.p_extra,
+        seed=run.cfg.seed + prompt_id,
+    )
     scores = probe.score(features, masks)
     out_dir = run.out.path / "fm" / f"prompt_{prompt_id}"
-    readout = fm.fit(masks, scores, run.threshold, features, cfg, run.cfg.trainer, out_dir, seed=run.cfg.seed)
-    return {"features": [str(f) for f in features], "n_masks": len(masks),
-            "flip_fraction": (scores < run.threshold).float().mean().item(), **asdict(readout)}
+    readout = fm.fit(
+        masks, scores, run.threshold, features, cfg, run.cfg.trainer, out_dir, seed=run.cfg.seed
+    )
+    return {
+        "features": [str(f) for f in features],
+        "n_masks": len(masks),
+        "flip_fraction": (scores < run.threshold).float().mean().item(),
+        **asdict(readout),
+    }
 
 
 def harmless_kl(run: Run, features: list[Feature]) -> float:
@@ -180,31 +254,51 @@ def summarize(run: Run, rows: list[dict], searched: list[dict], selection, start
         "fm_heldout_auc": [s["interactions"]["heldout_auc"] for s in flipped],
         "harmless_kl": [s["harmless_kl"] for s in flipped],
         "n_dormant": sum(len(s["dormant"]) for s in flipped),
-        "direction": None if selection is None else {"layer": selection.layer, "position": selection.position},
+        "direction": None
+        if selection is None
+        else {"layer": selection.layer, "position": selection.position},
         "evals_per_s": evals / seconds if seconds else None,
         "seconds_per_prompt": [s["seconds"] for s in searched],
         "wall_seconds": time.time() - started,
         "seed": run.cfg.seed,
-        "versions": {p: version(p) for p in ("torch", "transformers", "sae-lens", "lightning", "refusal")}
+        "versions": {
+            p: version(p) for p in ("torch", "transformers", "sae-lens", "lightning", "refusal")
+        }
         | {"python": platform.python_version()},
         "config": OmegaConf.to_container(
-            OmegaConf.masked_copy(run.cfg, [k for k in run.cfg if k != "hydra"]), resolve=True),
+            OmegaConf.masked_copy(run.cfg, [k for k in run.cfg if k != "hydra"]), resolve=True
+        ),
     }
 
 
 def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
     table = Table(title="refusal search, per prompt")
-    for column in ("id", "refused", "score", "|M|", "flip", "FM AUC", "dormant", "KL", "instruction"):
+    for column in (
+        "id",
+        "refused",
+        "score",
+        "|M|",
+        "flip",
+        "FM AUC",
+        "dormant",
+        "KL",
+        "instruction",
+    ):
         table.add_column(column, overflow="fold")
     for r in rows:
         s = searched.get(r["prompt_id"], {})
         g = s.get("greedy") or {}
         auc = (s.get("interactions") or {}).get("heldout_auc")
         table.add_row(
-            str(r["prompt_id"]), "yes" if r["refused"] else "no", f"{r['score']:.2f}",
-            str(g.get("size", "")) if s.get("flip_verified") else "", "yes" if s.get("flip_verified") else "",
-            "" if auc is None else f"{auc:.2f}", str(len(s["dormant"])) if "dormant" in s else "",
-            f"{s['harmless_kl']:.3f}" if "harmless_kl" in s else "", r["instruction"][:50],
+            str(r["prompt_id"]),
+            "yes" if r["refused"] else "no",
+            f"{r['score']:.2f}",
+            str(g.get("size", "")) if s.get("flip_verified") else "",
+            "yes" if s.get("flip_verified") else "",
+            "" if auc is None else f"{auc:.2f}",
+            str(len(s["dormant"])) if "dormant" in s else "",
+            f"{s['harmless_kl']:.3f}" if "harmless_kl" in s else "",
+            r["instruction"][:50],
         )
     Console().print(table)
 
@@ -223,12 +317,14 @@ def run(cfg: DictConfig) -> float | None:
         done = state.done("search")
         for row in tqdm(refused, desc="search", unit="prompt"):
             searched[row["prompt_id"]] = done.get(row["prompt_id"]) or search_prompt(
-                state, row, directions, selection.position)
+                state, row, directions, selection.position
+            )
     summary = summarize(state, rows, list(searched.values()), selection, started)
     state.out.write_json("summary.json", summary)
     print_table(rows, searched)
     console.print(
-        f"refused {summary['n_refused']}/{summary['n_eval']}; verified flips {summary['n_flipped_verified']}; "
+        f"refused {summary['n_refused']}/{summary['n_eval']}; "
+        f"verified flips {summary['n_flipped_verified']}; "
         f"minimal set sizes {summary['minimal_set_sizes']}; dormant {summary['n_dormant']}. "
         f"Results in {state.out.path}"
     )

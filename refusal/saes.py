@@ -93,7 +93,9 @@ def random_sae(d_in: int, width: int, layer: int, seed: int, architecture: str =
 def _load_one(cfg: DictConfig, lm: LM, layer: int, seed: int) -> tuple[SAE, str]:
     device = str(lm.device)
     if cfg.kind == "random":
-        sae = random_sae(lm.d_model, int(cfg.width), layer, seed, cfg.get("architecture", "standard"))
+        sae = random_sae(
+            lm.d_model, int(cfg.width), layer, seed, cfg.get("architecture", "standard")
+        )
         return sae.to(device), f"random (width {cfg.width}) at layer {layer}"
     if cfg.kind == "local":
         path = Path(str(cfg.path).format(layer=layer)).expanduser()

@@ -45,9 +45,12 @@ def tiny_lm(request) -> models.LM:
     return request.getfixturevalue(request.param)
 
 
-def tiny_engine(lm: models.LM, layers=(1, 2), width: int = 128, architecture: str = "standard",
-                **kwargs) -> Engine:
-    sae_by_layer = {layer: saes.random_sae(lm.d_model, width, layer, 0, architecture) for layer in layers}
+def tiny_engine(
+    lm: models.LM, layers=(1, 2), width: int = 128, architecture: str = "standard", **kwargs
+) -> Engine:
+    sae_by_layer = {
+        layer: saes.random_sae(lm.d_model, width, layer, 0, architecture) for layer in layers
+    }
     return Engine(lm, sae_by_layer, refusal_token_ids(lm.tokenizer, ["I"]), **kwargs)
 
 

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -43,14 +42,22 @@ def test_default_is_the_organism(tmp_path):
     assert list(cfg.layers) == [6, 12, 18, 24]
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["model=gemma2_2b_it", "sae=gemma_scope_res_16k", "layers=[12]"],
-    ["model=llama31_8b_it", "sae=llama_scope_r_8x", "layers=[11]"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["model=gemma2_2b_it", "sae=gemma_scope_res_16k", "layers=[12]"],
+        ["model=llama31_8b_it", "sae=llama_scope_r_8x", "layers=[11]"],
+    ],
+)
 def test_cli_prints_config(args):
-    out = subprocess.run([sys.executable, "train.py", *args, "--cfg", "job"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "train.py", *args, "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)
     assert printed.model.name == (args[0].split("=")[1] if args else "smollm2_organism")

@@ -30,14 +30,17 @@ def test_json_jsonl_csv(tmp_path):
     assert data.load_source(str(tmp_path / "c.csv")) == ["b1", "b2"]
 
 
-@pytest.mark.parametrize("content,match", [
-    ("[\n{\"instruction\": \"a\"},\n{oops}\n]", r"line 3: not valid JSON"),
-    ("[]", "holds no prompts"),
-    ("", "line 1: not valid JSON"),
-    ("{\"instruction\": \"a\"}", "expected a JSON list"),
-    ("[{\"text\": \"a\"}]", "item 0: no prompt field"),
-    ("[{\"instruction\": \"  \"}]", "item 0: the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('[\n{"instruction": "a"},\n{oops}\n]', r"line 3: not valid JSON"),
+        ("[]", "holds no prompts"),
+        ("", "line 1: not valid JSON"),
+        ('{"instruction": "a"}', "expected a JSON list"),
+        ('[{"text": "a"}]', "item 0: no prompt field"),
+        ('[{"instruction": "  "}]', "item 0: the prompt is empty"),
+    ],
+)
 def test_malformed_json_names_file_and_place(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -77,8 +80,16 @@ def test_load_caps_sets():
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this checkout")
-@pytest.mark.parametrize("name,rows", [("jailbreakbench", 100), ("harmbench_test", 159),
-                                       ("harmful_train", 260), ("harmful_val", 39), ("advbench", 520)])
+@pytest.mark.parametrize(
+    "name,rows",
+    [
+        ("jailbreakbench", 100),
+        ("harmbench_test", 159),
+        ("harmful_train", 260),
+        ("harmful_val", 39),
+        ("advbench", 520),
+    ],
+)
 def test_shared_benchmark_files(name, rows):
     prompts = data.load_source(str(SHARED_DATA / f"{name}.json"))
     assert len(prompts) == rows and all(p.strip() for p in prompts)

@@ -12,8 +12,11 @@ PROMPT = "Explain how to pick a lock on a neighbour's front door."
 
 def active_features(engine, cache, per_layer: int = 3) -> list[Feature]:
     latents = engine.latents(cache)
-    return [Feature(layer, int(i)) for layer, z in latents.items()
-            for i in z.max(0).values.topk(per_layer).indices]
+    return [
+        Feature(layer, int(i))
+        for layer, z in latents.items()
+        for i in z.max(0).values.topk(per_layer).indices
+    ]
 
 
 def reference_scores(engine, features, masks) -> torch.Tensor:
@@ -24,7 +27,7 @@ def reference_scores(engine, features, masks) -> torch.Tensor:
     for mask in masks:
         chosen = [f for f, m in zip(features, mask) if m]
 
-        def splice(layer):
+        def splice(layer, chosen=chosen):
             def hook(module, args, h):
                 sae = engine.saes[layer]
                 z = sae.encode(h)
@@ -33,6 +36,7 @@ def reference_scores(engine, features, masks) -> torch.Tensor:
                     if f.layer == layer:
                         edited[..., f.latent] *= 1 - strength
                 return sae.decode(edited) + (h - sae.decode(z))
+
             return hook
 
         handles = [lm.blocks[layer].register_forward_hook(splice(layer)) for layer in engine.saes]
@@ -46,12 +50,18 @@ def reference_scores(engine, features, masks) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
-@pytest.mark.parametrize("ablation", [Ablation(), Ablation(mode="scale", scale=-2.0)], ids=["zero", "clamp"])
+@pytest.mark.parametrize(
+    "ablation", [Ablation(), Ablation(mode="scale", scale=-2.0)], ids=["zero", "clamp"]
+)
 def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation):
-    engine = tiny_engine(tiny_lm, layers=(1, 2), architecture=architecture, ablation=ablation, batch_size=3)
+    engine = tiny_engine(
+        tiny_lm, layers=(1, 2), architecture=architecture, ablation=ablation, batch_size=3
+    )
     cache = engine.prepare(PROMPT)
     features = active_features(engine, cache)
-    masks = torch.tensor([[0] * 6, [1] * 6, [1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1]])
+    masks = torch.tensor(
+        [[0] * 6, [1] * 6, [1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1]]
+    )
     ours = engine.score(cache, features, masks)
     expected = reference_scores(engine, features, masks)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
@@ -66,7 +76,9 @@ def test_empty_mask_is_the_clean_model(tiny_lm):
     clean = refusal_score(logits, engine.refusal_ids).item()
     assert cache.score == pytest.approx(clean, abs=1e-4)
     features = active_features(engine, cache)
-    assert engine.score(cache, features, torch.zeros(1, len(features))).item() == pytest.approx(clean, abs=1e-4)
+    assert engine.score(cache, features, torch.zeros(1, len(features))).item() == pytest.approx(
+        clean, abs=1e-4
+    )
 
 
 def test_latents_are_read_before_their_own_edit(tiny_llama):
@@ -103,9 +115,12 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
 def test_generate_without_features_is_plain_greedy(tiny_llama):
     engine = tiny_engine(tiny_llama)
     batch = tiny_llama.tokenize([PROMPT])
-    out = tiny_llama.model.generate(**batch, max_new_tokens=6, do_sample=False,
-                                    pad_token_id=tiny_llama.tokenizer.pad_token_id)
-    expected = tiny_llama.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = tiny_llama.model.generate(
+        **batch, max_new_tokens=6, do_sample=False, pad_token_id=tiny_llama.tokenizer.pad_token_id
+    )
+    expected = tiny_llama.tokenizer.decode(
+        out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+    )
     assert engine.generate([PROMPT], max_new_tokens=6) == [expected]
 
 

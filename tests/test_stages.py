@@ -17,10 +17,16 @@ class Oracle:
 
     def score(self, features, masks):
         self.calls += 1
-        return torch.tensor([self.fn({f for f, m in zip(features, row) if m}) for row in masks.tolist()])
+        return torch.tensor(
+            [self.fn({f for f, m in zip(features, row) if m}) for row in masks.tolist()]
+        )
 
     def latents(self, features=None, mask=None):
-        ablated = set(features or []) if mask is None else {f for f, m in zip(features, mask.flatten()) if m}
+        ablated = (
+            set(features or [])
+            if mask is None
+            else {f for f, m in zip(features, mask.flatten()) if m}
+        )
         return self._latents(ablated)
 
 
@@ -59,16 +65,40 @@ def test_fm_recovers_planted_interaction(tmp_path):
     fn = lambda s: 1.0 - 2.0 * (a in s and b in s) - 0.2 * (feats[0] in s)  # noqa: E731
     masks = fm.sample_masks(400, 0, len(feats), 0.5, 0.5, seed=0)
     scores = Oracle(fn).score(feats, masks)
-    cfg = OmegaConf.create({"target": "bce", "rank": 4, "heldout": 0.2, "lr": 0.05, "weight_decay": 0.0,
-                            "batch_size": 64, "patience": 30})
-    trainer = OmegaConf.create({"_target_": "lightning.Trainer", "accelerator": "cpu", "max_epochs": 300,
-                                "enable_progress_bar": False, "enable_model_summary": False,
-                                "deterministic": True})
+    cfg = OmegaConf.create(
+        {
+            "target": "bce",
+            "rank": 4,
+            "heldout": 0.2,
+            "lr": 0.05,
+            "weight_decay": 0.0,
+            "batch_size": 64,
+            "patience": 30,
+        }
+    )
+    trainer = OmegaConf.create(
+        {
+            "_target_": "lightning.Trainer",
+            "accelerator": "cpu",
+            "max_epochs": 300,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": True,
+        }
+    )
     out = fm.fit(masks, scores, 0.0, feats, cfg, trainer, tmp_path, seed=0)
     assert {out.top_pairs[0]["a"], out.top_pairs[0]["b"]} == {str(a), str(b)}
     assert out.top_pairs[0]["interaction"] > 0
     assert out.heldout_auc > 0.95
-    mse = fm.fit(masks, scores, 0.0, feats, OmegaConf.merge(cfg, {"target": "mse"}), trainer, tmp_path / "mse")
+    mse = fm.fit(
+        masks,
+        scores,
+        0.0,
+        feats,
+        OmegaConf.merge(cfg, {"target": "mse"}),
+        trainer,
+        tmp_path / "mse",
+    )
     assert {mse.top_pairs[0]["a"], mse.top_pairs[0]["b"]} == {str(a), str(b)}
     assert mse.heldout_auc > 0.95
 
@@ -76,9 +106,20 @@ def test_fm_recovers_planted_interaction(tmp_path):
 def test_fm_pairwise_term_matches_explicit_sum():
     model = fm.FactorizationMachine(5, rank=3)
     x = torch.bernoulli(torch.full((7, 5), 0.5))
-    explicit = model.w0 + x @ model.w + torch.stack([
-        sum((model.v[i] @ model.v[j]) * row[i] * row[j] for i in range(5) for j in range(i + 1, 5))
-        for row in x])
+    explicit = (
+        model.w0
+        + x @ model.w
+        + torch.stack(
+            [
+                sum(
+                    (model.v[i] @ model.v[j]) * row[i] * row[j]
+                    for i in range(5)
+                    for j in range(i + 1, 5)
+                )
+                for row in x
+            ]
+        )
+    )
     torch.testing.assert_close(model(x), explicit)
 
 
@@ -95,8 +136,15 @@ def test_dormant_finds_planted_backup_and_nothing_else():
         return {1: torch.ones(4, 16), 2: layer2}
 
     def fn(s):
-        return 2.0 - 1.0 * (m in s) - 1.5 * (m in s and Feature(2, backup) in s) - 0.1 * (Feature(2, always) in s)
+        return (
+            2.0
+            - 1.0 * (m in s)
+            - 1.5 * (m in s and Feature(2, backup) in s)
+            - 0.1 * (Feature(2, always) in s)
+        )
 
-    found = dormant.find(Oracle(fn, latents), [m], [1, 2], min_activation=0.5, max_candidates=8, margin=0.5)
+    found = dormant.find(
+        Oracle(fn, latents), [m], [1, 2], min_activation=0.5, max_candidates=8, margin=0.5
+    )
     assert [d.feature for d in found] == [str(Feature(2, backup))]
     assert found[0].before == 0 and found[0].after == 2.0 and found[0].effect == -1.5
