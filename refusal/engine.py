@@ -14,6 +14,7 @@ of masks then runs only the remaining blocks. All stages score through this engi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +183,36 @@ class Engine:
         h = edit(self.start, cache.hidden.expand(len(masks), -1, -1))
         h = self.lm.run_blocks(h, self.start + 1, edit=edit)
         return refusal_score(self.lm.next_token_logits(h[:, -1]), self.refusal_ids).cpu()
+
+    @torch.no_grad()
+    def tune_batch_size(
+        self,
+        cache: PromptCache,
+        features: list[Feature],
+        max_batch: int = 1024,
+        min_gain: float = 0.05,
+    ) -> int:
+        """Set the batch size to the largest that fits and still speeds scoring up.
+
+        Doubles from 1, timing one batch of random masks at each size after a warm-up;
+        stops at the first size that gains less than `min_gain` or runs out of memory.
+        """
+        best_rate, best, size = 0.0, 1, 1
+        gen = torch.Generator().manual_seed(0)
+        while size <= max_batch:
+            masks = torch.bernoulli(torch.full((size, len(features)), 0.5), generator=gen)
+            try:
+                self._score_chunk(cache, features, masks.to(self.lm.device))
+                began = time.perf_counter()
+                self._score_chunk(cache, features, masks.to(self.lm.device))
+                rate = size / (time.perf_counter() - began)
+            except torch.OutOfMemoryError:
+                break
+            if rate < best_rate * (1 + min_gain):
+                break
+            best_rate, best, size = rate, size, size * 2
+        self.batch_size = best
+        return best
 
     def _batched(
         self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]

@@ -222,12 +222,15 @@ def load_tokenizer(cfg: DictConfig):
     return tokenizer
 
 
-def _random_model(cfg: DictConfig, seed: int) -> PreTrainedModel:
+def _random_model(
+    cfg: DictConfig, seed: int, device: torch.device, dtype: torch.dtype
+) -> PreTrainedModel:
     """A random-weight model from a config written into the project (tests, benchmarks)."""
     spec = OmegaConf.to_container(cfg.config, resolve=True)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with device:  # initialise in place: real-size shapes are too big to build on CPU first
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
 
 
 def load(cfg: DictConfig, seed: int = 0) -> LM:
@@ -235,7 +238,7 @@ def load(cfg: DictConfig, seed: int = 0) -> LM:
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     if cfg.get("config"):
-        model = _random_model(cfg, seed)
+        model = _random_model(cfg, seed, device, dtype)
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         source, kwargs = _pretrained_kwargs(cfg)

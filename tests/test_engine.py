@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.ablation_throughput import hooked_scores
 from refusal.engine import Ablation, Feature
 from refusal.judge import refusal_score
 from tests.conftest import tiny_engine
@@ -20,33 +21,8 @@ def active_features(engine, cache, per_layer: int = 3) -> list[Feature]:
 
 
 def reference_scores(engine, features, masks) -> torch.Tensor:
-    """Full HF forward per mask with hooks doing decode(edit(encode(h))) + error, via sae-lens."""
-    lm, strength = engine.lm, engine.ablation.strength
-    batch = lm.tokenize([PROMPT])
-    scores = []
-    for mask in masks:
-        chosen = [f for f, m in zip(features, mask) if m]
-
-        def splice(layer, chosen=chosen):
-            def hook(module, args, h):
-                sae = engine.saes[layer]
-                z = sae.encode(h)
-                edited = z.clone()
-                for f in chosen:
-                    if f.layer == layer:
-                        edited[..., f.latent] *= 1 - strength
-                return sae.decode(edited) + (h - sae.decode(z))
-
-            return hook
-
-        handles = [lm.blocks[layer].register_forward_hook(splice(layer)) for layer in engine.saes]
-        try:
-            logits = lm.model(**batch).logits[:, -1]
-        finally:
-            for handle in handles:
-                handle.remove()
-        scores.append(refusal_score(logits, engine.refusal_ids))
-    return torch.cat(scores)
+    """Full HF forward per mask, hooks splicing each SAE with sae-lens's own encode/decode."""
+    return hooked_scores(engine, PROMPT, features, masks, batch_size=1)
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])

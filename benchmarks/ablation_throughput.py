@@ -1,0 +1,269 @@
+"""Ablation-mask scoring throughput: the engine against the naive reference, side by side.
+
+One process, the same prompt and masks for every variant:
+  naive                   per mask: full forward with sae-lens splice hooks + 48-token greedy
+                          generation, judged by refusal markers (how earlier tooling works)
+  full_forward            per mask: hooked full forward, first-token refusal score
+  batched_full_forward    a batch of masks in one hooked full forward
+  prefix_cached           the engine with batch size 1 (prefix cache + sparse latents)
+  engine                  the engine: prefix cache, sparse latents, batched masks
+plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
+the FLOPs of the layers actually run) and peak memory. Writes outputs/bench.json.
+
+    python benchmarks/ablation_throughput.py                          # the organism
+    python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
+        'layers=[2]' model.config.num_hidden_layers=4 model.config.vocab_size=49152
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import refusal
+from refusal import data, judge, models, saes
+from refusal.engine import Ablation, Engine, Feature
+
+CONF = Path(refusal.__file__).resolve().parent.parent / "conf"
+DEFAULTS = {"n_masks": 256, "n_naive": 24, "n_features": 24, "max_new_tokens": 48, "prompt": 0}
+
+
+@contextmanager
+def hooked_splice(engine: Engine, features: list[Feature], masks: torch.Tensor):
+    """Hooks splicing each SAE in with sae-lens's full encode/decode, error term kept:
+    h ← decode(edit(encode(h))) + (h − decode(encode(h))), row b ablating masks[b]."""
+    strength = engine.ablation.strength
+
+    def splice(layer: int):
+        cols = [i for i, f in enumerate(features) if f.layer == layer]
+        idx = torch.tensor([features[i].latent for i in cols], dtype=torch.long)
+        weight = masks[:, cols].to(engine.lm.dtype).unsqueeze(1) * strength
+
+        def hook(module, args, h):
+            sae = engine.saes[layer]
+            z = sae.encode(h)
+            edited = z.clone()
+            rows = min(len(weight), len(h))
+            edited[..., idx] = z[..., idx] * (1 - weight[:rows])
+            return sae.decode(edited) + (h - sae.decode(z))
+
+        return hook
+
+    handles = [
+        engine.lm.blocks[layer].register_forward_hook(splice(layer)) for layer in engine.saes
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def naive_flips(engine: Engine, prompt: str, features, masks, max_new_tokens: int) -> list[bool]:
+    batch = engine.lm.tokenize([prompt])
+    flips = []
+    for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
+        with hooked_splice(engine, features, mask[None]), torch.no_grad():
+            out = engine.lm.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=engine.lm.tokenizer.pad_token_id,
+            )
+        reply = engine.lm.tokenizer.decode(
+            out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        flips.append(not judge.is_refusal(reply))
+    return flips
+
+
+def hooked_scores(engine: Engine, prompt: str, features, masks, batch_size: int) -> torch.Tensor:
+    batch = engine.lm.tokenize([prompt])
+    scores = []
+    for i in range(0, len(masks), batch_size):
+        chunk = masks[i : i + batch_size]
+        with hooked_splice(engine, features, chunk), torch.no_grad():
+            ids = batch["input_ids"].expand(len(chunk), -1)
+            logits = engine.lm.model(input_ids=ids).logits[:, -1]
+        scores.append(judge.refusal_score(logits, engine.refusal_ids).cpu())
+    return torch.cat(scores)
+
+
+def timed(fn, n: int) -> tuple[object, float]:
+    """Result and evaluations per second of fn() scoring n masks."""
+    began = time.perf_counter()
+    result = fn()
+    _sync()
+    return result, n / (time.perf_counter() - began)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10
+) -> float:
+    """Measured dense matmul FLOP/s for this device and dtype."""
+    n = 8192 if device.type == "cuda" else n
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    _sync()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - began)
+
+
+def flops_per_eval(engine: Engine, cache, features, masks: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        engine._score_chunk(cache, features, masks)
+    return counter.get_total_flops() / len(masks)
+
+
+def pick_features(engine: Engine, cache, n: int) -> list[Feature]:
+    """The most active latents of the prompt, spread evenly over the SAE layers."""
+    latents = engine.latents(cache)
+    per_layer = max(1, n // len(latents))
+    return [
+        Feature(layer, int(i))
+        for layer, z in latents.items()
+        for i in z.max(0).values.topk(per_layer).indices
+    ]
+
+
+def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
+    """Masks from sparse to dense: row r ablates each feature with probability r/n."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.linspace(0, 1, n).unsqueeze(1).expand(n, n_features)
+    return torch.bernoulli(p, generator=gen)
+
+
+def run(overrides: list[str], settings: dict) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    lm = models.load(cfg.model, seed=cfg.seed)
+    engine = Engine(
+        lm,
+        saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed),
+        judge.refusal_token_ids(lm.tokenizer, list(cfg.model.refusal_tokens)),
+        Ablation(**cfg.search.ablation),
+    )
+    prompt = data.load_source(cfg.data.eval)[settings["prompt"]]
+    cache = engine.prepare(prompt)
+    features = pick_features(engine, cache, settings["n_features"])
+    masks = mixed_masks(settings["n_masks"], len(features))
+    batch = engine.tune_batch_size(cache, features)
+    n_small = min(32, len(masks))
+    naive_masks = masks[torch.linspace(0, len(masks) - 1, settings["n_naive"]).long()]
+
+    scores, engine_rate = timed(lambda: engine.score(cache, features, masks), len(masks))
+    _, cached_rate = timed(lambda: _unbatched(engine, cache, features, masks[:n_small]), n_small)
+    batched, batched_rate = timed(
+        lambda: hooked_scores(engine, prompt, features, masks, batch), len(masks)
+    )
+    _, full_rate = timed(
+        lambda: hooked_scores(engine, prompt, features, masks[:n_small], 1), n_small
+    )
+    flips, naive_rate = timed(
+        lambda: naive_flips(engine, prompt, features, naive_masks, settings["max_new_tokens"]),
+        len(naive_masks),
+    )
+
+    engine_flips = (engine.score(cache, features, naive_masks) < cfg.judge.threshold).tolist()
+    flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
+    peak = matmul_peak(lm.device, lm.dtype)
+    rates = {
+        "naive": naive_rate,
+        "full_forward": full_rate,
+        "batched_full_forward": batched_rate,
+        "prefix_cached": cached_rate,
+        "engine": engine_rate,
+    }
+    return {
+        "engine_evals_per_s": engine_rate,
+        "naive_evals_per_s": naive_rate,
+        "ratio_vs_naive": engine_rate / naive_rate,
+        "evals_per_s": rates,
+        "ratios_vs_naive": {k: v / naive_rate for k, v in rates.items()},
+        "mfu": flop_eval * engine_rate / peak,
+        "engine_flops_per_eval": flop_eval,
+        "engine_flops_per_s": flop_eval * engine_rate,
+        "matmul_peak_flops_per_s": peak,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else None,
+        "flip_agreement": sum(a == b for a, b in zip(flips, engine_flips)) / len(flips),
+        "n_flips_naive": sum(flips),
+        "n_flips_engine": sum(engine_flips),
+        "n_agreement_masks": len(flips),
+        "max_abs_diff_engine_vs_hooked": (scores - batched).abs().max().item(),
+        "batch_size": batch,
+        "n_masks": len(masks),
+        "n_features": len(features),
+        "prompt_tokens": cache.input_ids.shape[1],
+        "layers_run_after_cache": lm.n_layers - engine.start - 1,
+        "model": cfg.model.name,
+        "layers": list(cfg.layers),
+        "sae_width": {layer: sae.cfg.d_sae for layer, sae in engine.saes.items()},
+        "device": torch.cuda.get_device_name()
+        if lm.device.type == "cuda"
+        else platform.processor() or "cpu",
+        "dtype": str(lm.dtype),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _unbatched(engine: Engine, cache, features, masks) -> torch.Tensor:
+    return torch.cat([engine.score(cache, features, m[None]) for m in masks])
+
+
+def main(argv: list[str]) -> None:
+    settings, overrides, out = dict(DEFAULTS), [], Path("outputs/bench.json")
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in settings:
+            settings[key] = int(value)
+        elif key == "out":
+            out = Path(value)
+        else:
+            overrides.append(arg)
+    result = run(overrides, settings) | {"settings": settings, "overrides": overrides}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "engine_evals_per_s",
+                    "naive_evals_per_s",
+                    "ratio_vs_naive",
+                    "mfu",
+                    "peak_rss_gb",
+                    "flip_agreement",
+                )
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
