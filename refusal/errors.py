@@ -4,6 +4,10 @@
 is a bug and keeps its traceback.
 """
 
+import os
+import sys
+from typing import NoReturn
+
 
 class RefusalError(Exception):
     """A mistake in the input or the environment, explained for the person who made it."""
@@ -23,3 +27,11 @@ class HubUnavailable(RefusalError):
 
 class NumericsError(RefusalError):
     """NaN or inf appeared in the model's activations."""
+
+
+def exit_with(error: RefusalError) -> NoReturn:
+    """Print the error as one line and exit 2; re-raise when HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

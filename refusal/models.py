@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -198,25 +199,18 @@ def _pretrained_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     if source.startswith(("/", ".", "~")):
         raise ConfigError(f"model.id={source} looks like a local path but does not exist.")
     if not hub_reachable():
-        kwargs["local_files_only"] = True  # a copy in the HF cache still works offline
-    return source, kwargs
-
-
-def _from_pretrained(loader, source: str, kwargs: dict, what: str):
-    try:
-        return loader.from_pretrained(source, **kwargs)
-    except OSError:
-        if kwargs.get("local_files_only"):
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
             require_hub(
-                what,
+                f"the model '{source}'",
                 "Download it on a machine with hub access and set model.id to the local directory.",
             )
-        raise
+        kwargs["local_files_only"] = True  # a copy in the HF cache works offline
+    return source, kwargs
 
 
 def load_tokenizer(cfg: DictConfig):
     source, kwargs = _pretrained_kwargs(cfg)
-    tokenizer = _from_pretrained(AutoTokenizer, source, kwargs, f"the tokenizer of '{source}'")
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -242,12 +236,7 @@ def load(cfg: DictConfig, seed: int = 0) -> LM:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         source, kwargs = _pretrained_kwargs(cfg)
-        model = _from_pretrained(
-            AutoModelForCausalLM,
-            source,
-            {**kwargs, "dtype": torch.float32},
-            f"the model '{source}'",
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, dtype=torch.float32)
         tokenizer = load_tokenizer(cfg)
     if cfg.get("adapter"):
         model = merge_adapter(model, cfg.adapter)
