@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from refusal import data, direction, dormant, fm, greedy, judge, models, saes
+from refusal import data, direction, dormant, fm, greedy, judge, models, report, saes, tracking
 from refusal.engine import Ablation, Engine, Feature, PromptProbe
-from refusal.tracking import RunDir
+from refusal.tracking import RunDir, Tracker
 
 console = Console(stderr=True)
 RESULTS = "results.jsonl"
@@ -34,6 +34,7 @@ class Run:
     engine: Engine
     prompts: data.Prompts
     out: RunDir
+    tracker: Tracker
 
     @property
     def threshold(self) -> float:
@@ -75,7 +76,7 @@ def setup(cfg: DictConfig) -> Run:
     out = RunDir(cfg.paths.output_dir)
     if not cfg.resume and out.read(RESULTS):
         out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
-    return Run(cfg, lm, engine, prompts, out)
+    return Run(cfg, lm, engine, prompts, out, tracking.build(cfg))
 
 
 def baseline(run: Run) -> list[dict]:
@@ -221,7 +222,15 @@ def interactions(
     scores = probe.score(features, masks)
     out_dir = run.out.path / "fm" / f"prompt_{prompt_id}"
     readout = fm.fit(
-        masks, scores, run.threshold, features, cfg, run.cfg.trainer, out_dir, seed=run.cfg.seed
+        masks,
+        scores,
+        run.threshold,
+        features,
+        cfg,
+        run.cfg.trainer,
+        out_dir,
+        logger=run.tracker.fm_loggers(prompt_id),
+        seed=run.cfg.seed,
     )
     return {
         "features": [str(f) for f in features],
@@ -308,19 +317,23 @@ def run(cfg: DictConfig) -> float | None:
     started = time.time()
     state = setup(cfg)
     rows = baseline(state)
+    state.tracker.baseline(rows)
     refused = [r for r in rows if r["refused"]]
     searched, selection = {}, None
     if not refused:
         console.print("[yellow]no evaluation prompt was refused at baseline: nothing to search.[/]")
     elif "direction" in cfg.search.stages:
         directions, selection = refusal_direction(state)
+        state.tracker.direction(selection)
         done = state.done("search")
         for row in tqdm(refused, desc="search", unit="prompt"):
             searched[row["prompt_id"]] = done.get(row["prompt_id"]) or search_prompt(
                 state, row, directions, selection.position
             )
+            state.tracker.prompt(searched[row["prompt_id"]])
     summary = summarize(state, rows, list(searched.values()), selection, started)
     state.out.write_json("summary.json", summary)
+    state.tracker.summary(summary)
     print_table(rows, searched)
     console.print(
         f"refused {summary['n_refused']}/{summary['n_eval']}; "
@@ -328,4 +341,6 @@ def run(cfg: DictConfig) -> float | None:
         f"minimal set sizes {summary['minimal_set_sizes']}; dormant {summary['n_dormant']}. "
         f"Results in {state.out.path}"
     )
+    console.print(f"Report: {report.write_quietly(state.out.path)}", soft_wrap=True, markup=False)
+    state.tracker.finish()
     return summary.get(cfg.optimized_metric)

@@ -1,11 +1,84 @@
-"""Results as data: append-only JSON lines and atomic JSON files in the run directory."""
+"""Results as data: append-only JSON lines and atomic JSON files in the run directory,
+mirrored to W&B.
+
+The run directory is the source of truth. The W&B run (conf/logger/wandb.yaml: offline
+unless WANDB_API_KEY is set) lives inside it and mirrors each stage as it finishes:
+baseline and direction tables, one row per searched prompt, the FM's training curves,
+interaction heatmaps and top pairs, dormant features and the run summary. A W&B error
+is logged as a warning and never ends a run.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import hydra
+import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import Logger, WandbLogger
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from refusal import saes
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+NEURONPEDIA = "https://www.neuronpedia.org"
+
+# Columns of the per-prompt W&B tables, and the summary keys mirrored from summary.json.
+SEARCH_COLUMNS = [
+    "prompt_id",
+    "instruction",
+    "clean_score",
+    "candidates",
+    "n_candidates",
+    "minimal",
+    "neuronpedia",
+    "size",
+    "one_minimal",
+    "score_after",
+    "evals",
+    "seconds",
+    "reply_before",
+    "reply_after",
+    "flip_verified",
+    "fm_heldout_auc",
+    "n_dormant",
+    "harmless_kl",
+]
+DORMANT_COLUMNS = [
+    "prompt_id",
+    "feature",
+    "layer",
+    "latent",
+    "before",
+    "after",
+    "score_without",
+    "score_with",
+    "effect",
+    "neuronpedia",
+]
+SUMMARY_KEYS = [
+    "n_eval",
+    "n_refused",
+    "n_flipped_verified",
+    "flip_rate",
+    "all_minimal_verified",
+    "n_dormant",
+    "evals_per_s",
+    "wall_seconds",
+    "minimal_set_sizes",
+    "fm_heldout_auc",
+    "harmless_kl",
+]
 
 
 def _json_default(value: Any) -> Any:
@@ -57,3 +130,318 @@ class RunDir:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         return target
+
+
+def parse_feature(text: str) -> tuple[int, int]:
+    """(layer, latent) of a feature written as `L<layer>/<latent>`."""
+    layer, latent = text[1:].split("/")
+    return int(layer), int(latent)
+
+
+def neuronpedia_url(np_id: str | None, feature: str) -> str:
+    """The feature's Neuronpedia page, or "" when its SAE is not on Neuronpedia."""
+    return f"{NEURONPEDIA}/{np_id}/{parse_feature(feature)[1]}" if np_id else ""
+
+
+def interaction_heatmap(matrix: list[list[float]], labels: list[str], title: str) -> Figure:
+    """The FM's pairwise ⟨vᵢ,vⱼ⟩ as a diverging heatmap (no pyplot: safe in any thread)."""
+    size = min(14.0, 3.0 + 0.35 * len(labels))
+    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+    ax = fig.subplots()
+    bound = max((abs(v) for row in matrix for v in row), default=0.0) or 1.0
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="⟨vᵢ, vⱼ⟩")
+    return fig
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed job config, resolved and flattened (`search.fm.rank`), plus the
+    chosen config options and command-line overrides, so dashboards can group by them."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    flat = _flatten(OmegaConf.to_container(job, resolve=True))
+    hc = _hydra()
+    if hc is not None:
+        flat["overrides"] = list(hc.overrides.task)
+        flat |= {f"choices.{k}": v for k, v in hc.runtime.choices.items() if "/" not in k}
+    return flat
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _hydra():
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def run_identity(cfg: DictConfig, wandb_cfg: DictConfig) -> dict[str, Any]:
+    """W&B tags (the configured ones plus model, SAE and layers) and, unless configured,
+    name and group: a multirun's jobs share a group (task/<sweep dir>) and are named by
+    their overrides."""
+    hc = _hydra()
+    sae = (hc.runtime.choices.get("sae") if hc else None) or cfg.sae.get("release") or cfg.sae.kind
+    derived = [f"model={cfg.model.name}", f"sae={sae}", *(f"layer={i}" for i in cfg.layers)]
+    identity: dict[str, Any] = {"tags": [*(wandb_cfg.get("tags") or []), *derived]}
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        sweep = Path(hc.runtime.output_dir).parent.name
+        identity["group"] = wandb_cfg.get("group") or f"{cfg.task_name}/{sweep}"
+        identity["name"] = (
+            wandb_cfg.get("name") or f"job{hc.job.num} {hc.job.override_dirname}".strip()
+        )
+    return identity
+
+
+def _warn(what: str, error: Exception) -> None:
+    log.warning("W&B %s failed (%r); the results are safe in the run directory.", what, error)
+
+
+def _guarded(method: Callable) -> Callable:
+    """A tracker method that does nothing without a W&B run and warns instead of raising."""
+
+    @functools.wraps(method)
+    def call(self: Tracker, *args, **kwargs):
+        if self.run is None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:  # tracking must never cost a run its results
+            _warn(method.__name__, error)
+            return None
+
+    return call
+
+
+class FMLogger(WandbLogger):
+    """One prompt's FM training curves (`fm/prompt_<id>/val_loss`) in the run's W&B run."""
+
+    LOGGER_JOIN_CHAR = "/"
+
+    def log_hyperparams(self, params: Any) -> None:
+        """Skipped: the run's config is the Hydra config, FM settings included."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as error:  # a W&B error must not stop the FM's training
+            _warn("FM metrics", error)
+
+
+class Tracker:
+    """Mirrors a run's results to W&B, stage by stage; without a W&B run it does nothing.
+
+    Tables that grow a row per prompt are W&B incremental tables, logged after each prompt.
+    """
+
+    def __init__(
+        self,
+        run: Any = None,
+        fm_logger_cfgs: list[DictConfig] | None = None,
+        neuronpedia_ids: dict[int, str | None] | None = None,
+    ):
+        self.run = run
+        self.fm_logger_cfgs = fm_logger_cfgs or []
+        self.neuronpedia_ids = neuronpedia_ids or {}
+        self.replies: dict[int, str] = {}
+        self.minimal_sets: dict[int, list[str]] = {}
+        self.tables: dict[str, wandb.Table] = {}
+
+    def url(self, feature: str) -> str:
+        return neuronpedia_url(self.neuronpedia_ids.get(parse_feature(feature)[0]), feature)
+
+    def fm_loggers(self, prompt_id: int) -> list[Logger]:
+        """Lightning loggers for one prompt's FM: the W&B run plus the other conf/logger
+        entries, each instantiated with version `fm_prompt_<id>` (CSV, TensorBoard)."""
+        loggers = [
+            hydra.utils.instantiate(c, version=f"fm_prompt_{prompt_id}")
+            for c in self.fm_logger_cfgs
+        ]
+        if self.run is not None:
+            loggers.append(FMLogger(experiment=self.run, prefix=f"fm/prompt_{prompt_id}"))
+        return loggers
+
+    def _grow(self, key: str, columns: list[str], rows: list[list]) -> dict[str, wandb.Table]:
+        """Add rows to an incremental table; the returned entry logs them."""
+        if not rows:
+            return {}
+        table = self.tables.setdefault(
+            key, wandb.Table(columns=columns, log_mode="INCREMENTAL", allow_mixed_types=True)
+        )
+        for row in rows:
+            table.add_data(*row)
+        return {key: table}
+
+    @_guarded
+    def baseline(self, rows: list[dict]) -> None:
+        self.replies = {r["prompt_id"]: r["reply"] for r in rows}
+        columns = ["prompt_id", "instruction", "score", "refused", "reply"]
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+        self.run.log({"baseline/prompts": table})
+        self.run.summary.update(
+            {"baseline/n_eval": len(rows), "baseline/n_refused": sum(r["refused"] for r in rows)}
+        )
+
+    @_guarded
+    def direction(self, selection: Any) -> None:
+        """Every (layer, position) candidate's bypass / induce / KL, and the chosen one."""
+        columns = ["layer", "position", "bypass", "induce", "kl"]
+        rows = [
+            [s[c] for c in columns]
+            + [(s["layer"], s["position"]) == (selection.layer, selection.position)]
+            for s in selection.scores
+        ]
+        self.run.log({"direction/scores": wandb.Table(columns=[*columns, "chosen"], data=rows)})
+        self.run.summary.update(
+            {"direction/layer": selection.layer, "direction/position": selection.position}
+        )
+
+    @_guarded
+    def prompt(self, result: dict) -> None:
+        """One searched prompt: its candidates, minimal set, FM readout and dormant features."""
+        pid, greedy = result["prompt_id"], result.get("greedy") or {}
+        minimal = greedy.get("minimal", []) if greedy.get("flips_all") else []
+        if result.get("flip_verified"):
+            self.minimal_sets[pid] = minimal
+        readout = result.get("interactions") or {}
+        dormant = result.get("dormant", [])
+        payload = self._grow(
+            "search/prompts", SEARCH_COLUMNS, [self._search_row(result, minimal, readout)]
+        )
+        payload |= self._grow(
+            "direction/candidates",
+            ["prompt_id", "feature", "layer", "latent", "cos", "in_minimal", "neuronpedia"],
+            [
+                [pid, c["feature"], *parse_feature(c["feature"]), c["cos"]]
+                + [c["feature"] in minimal, self.url(c["feature"])]
+                for c in result["candidates"]
+            ],
+        )
+        payload |= self._grow(
+            "fm/top_pairs",
+            ["prompt_id", "a", "b", "interaction", "neuronpedia_a", "neuronpedia_b"],
+            [
+                [pid, p["a"], p["b"], p["interaction"], self.url(p["a"]), self.url(p["b"])]
+                for p in readout.get("top_pairs", [])
+            ],
+        )
+        payload |= self._grow(
+            "dormant/features", DORMANT_COLUMNS, [self._dormant_row(pid, d) for d in dormant]
+        )
+        if readout:
+            figure = interaction_heatmap(
+                readout["interactions"], readout["features"], f"prompt {pid}: FM interactions"
+            )
+            payload["fm/interactions"] = wandb.Image(figure, caption=f"prompt {pid}")
+            if readout.get("heldout_auc") is not None:
+                payload["fm/heldout_auc"] = readout["heldout_auc"]
+        self.run.log(payload)
+
+    def _search_row(self, result: dict, minimal: list[str], readout: dict) -> list:
+        greedy = result.get("greedy") or {}
+        candidates = ", ".join(f"{c['feature']} ({c['cos']:.2f})" for c in result["candidates"])
+        return [
+            result["prompt_id"],
+            result["instruction"],
+            result["clean_score"],
+            candidates,
+            len(result["candidates"]),
+            " ".join(minimal),
+            " ".join(self.url(f) for f in minimal).strip(),
+            len(minimal) if minimal else None,
+            greedy.get("one_minimal"),
+            greedy.get("score"),
+            result["evals"],
+            result["seconds"],
+            self.replies.get(result["prompt_id"], ""),
+            result.get("reply_after", ""),
+            result.get("flip_verified", False),
+            readout.get("heldout_auc"),
+            len(result.get("dormant", [])),
+            result.get("harmless_kl"),
+        ]
+
+    def _dormant_row(self, prompt_id: int, d: dict) -> list:
+        return [prompt_id, *(d[c] for c in DORMANT_COLUMNS[1:-1]), self.url(d["feature"])]
+
+    @_guarded
+    def summary(self, summary: dict) -> None:
+        """Headline numbers for dashboards, plus per-prompt lists for `refusal.report --wandb`."""
+        sizes, aucs, kls = (
+            [v for v in summary[k] if v is not None]
+            for k in ("minimal_set_sizes", "fm_heldout_auc", "harmless_kl")
+        )
+        values = {k: summary.get(k) for k in SUMMARY_KEYS} | {
+            "minimal_set_size_mean": mean_or_none(sizes),
+            "fm_auc_mean": mean_or_none(aucs),
+            "harmless_kl_mean": mean_or_none(kls),
+            "minimal_sets": {str(k): v for k, v in self.minimal_sets.items()},
+        }
+        self.run.summary.update({k: v for k, v in values.items() if v is not None})
+
+    def finish(self) -> None:
+        """Close the W&B run and say where it is (and how to upload it when offline)."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            where = Path(run.dir).parent
+            message = (
+                f"W&B run (offline): {where}\n  upload it with: wandb sync {where}"
+                if run.offline
+                else f"W&B run: {run.url} (files in {where})"
+            )
+            run.finish()
+        except Exception as error:  # its files are on disk whatever happened here
+            _warn("finish", error)
+            return
+        console.print(message, soft_wrap=True, markup=False)  # paths stay whole, to copy
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean, or None for no values (nothing measured is not zero)."""
+    return sum(values) / len(values) if values else None
+
+
+def build(cfg: DictConfig) -> Tracker:
+    """The tracker conf/logger/ asks for: a W&B run (its files under the run directory),
+    other Lightning loggers for the FM, or nothing (logger=none)."""
+    logger_cfgs = [c for c in (cfg.get("logger") or {}).values() if "_target_" in c]
+    wandb_cfg = next((c for c in logger_cfgs if _is_wandb(c)), None)
+    others = [c for c in logger_cfgs if c is not wandb_cfg]
+    if wandb_cfg is None:
+        return Tracker(fm_logger_cfgs=others)
+    try:
+        logger = hydra.utils.instantiate(wandb_cfg, **run_identity(cfg, wandb_cfg))
+        logger.log_hyperparams(flat_config(cfg))  # starts the run, its config first
+        run = logger.experiment
+    except Exception as error:
+        _warn("start", error)
+        return Tracker(fm_logger_cfgs=others)
+    return Tracker(run, others, _neuronpedia_ids(cfg))
+
+
+def _is_wandb(logger_cfg: DictConfig) -> bool:
+    return issubclass(hydra.utils.get_class(logger_cfg._target_), WandbLogger)
+
+
+def _neuronpedia_ids(cfg: DictConfig) -> dict[int, str | None]:
+    try:
+        return {int(layer): saes.neuronpedia_id(cfg.sae, int(layer)) for layer in cfg.layers}
+    except Exception as error:  # links are a convenience: an unknown release only loses them
+        log.warning("no Neuronpedia ids for sae=%s: %r", cfg.sae.get("release"), error)
+        return {}
+
+
+def finish_open_run() -> None:
+    """Finish a W&B run an error left open (exit code 1), so the next job of a multirun
+    in this process starts its own run instead of reusing it."""
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=1)

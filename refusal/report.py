@@ -1,0 +1,407 @@
+"""Compare runs: per job (a sweep's layers or settings) the flip rate, minimal-set sizes,
+FM held-out AUC, dormant features and how much the minimal sets agree; for one run, its
+prompts and FM interaction heatmaps.
+
+    python -m refusal.report outputs/train/multiruns/<date>      # a sweep, one row per job
+    python -m refusal.report outputs/train/runs/<date>           # one run, one row per prompt
+    python -m refusal.report --wandb ENTITY/PROJECT --group G --out DIR
+
+It reads what the runs wrote (summary.json, results.jsonl: the source of truth) and
+writes report.md, CSV tables and PNG plots into the directory (or --out). With --wandb it
+reads the same summaries from W&B runs instead (those need to be uploaded: `wandb sync`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from urllib.parse import urlparse
+
+import pandas as pd
+import wandb
+import yaml
+from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+
+from refusal.errors import RefusalError
+from refusal.tracking import RunDir, interaction_heatmap, mean_or_none
+
+log = logging.getLogger(__name__)
+
+
+class WandbUnavailable(RefusalError):
+    """W&B runs were asked for and cannot be read."""
+
+
+@dataclass
+class Job:
+    """One run of a sweep, as the report sees it."""
+
+    name: str  # its directory relative to the sweep (or the W&B run id)
+    summary: dict  # summary.json, or the W&B run summary
+    layers: list[int]
+    overrides: list[str] = field(default_factory=list)
+    prompts: list[dict] = field(default_factory=list)  # one row per evaluation prompt
+    interactions: dict[int, dict] = field(default_factory=dict)  # FM readout per prompt
+    label: str = ""  # what sets it apart from the other jobs
+
+    def minimal_sets(self) -> dict[int, set[str]]:
+        """Minimal sets of the prompts whose flip was verified by generation."""
+        return {p["prompt_id"]: set(p["minimal"]) for p in self.prompts if p["flip_verified"]}
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories at or under root (those holding a summary.json), in job order."""
+    paths = {p.parent for p in root.rglob("summary.json") if "wandb" not in p.parts}
+    return sorted(paths, key=lambda p: _natural(p.relative_to(root)))
+
+
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def load_run(path: Path, root: Path) -> Job:
+    """A job from its run directory: summary, per-prompt results and Hydra overrides."""
+    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    rows = RunDir(path).read("results.jsonl")
+    search = {r["prompt_id"]: r for r in rows if r["stage"] == "search"}
+    baseline = sorted((r for r in rows if r["stage"] == "baseline"), key=lambda r: r["prompt_id"])
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    return Job(
+        name=str(path.relative_to(root)) if path != root else path.name,
+        summary=summary,
+        layers=list(summary.get("config", {}).get("layers", [])),
+        overrides=yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else [],
+        prompts=[prompt_row(b, search.get(b["prompt_id"], {})) for b in baseline],
+        interactions={pid: s["interactions"] for pid, s in search.items() if s.get("interactions")},
+    )
+
+
+def prompt_row(baseline: dict, search: dict) -> dict:
+    """One evaluation prompt: its baseline judgement and, when refused, its search."""
+    greedy = search.get("greedy") or {}
+    verified = bool(search.get("flip_verified"))
+    return {
+        "prompt_id": baseline["prompt_id"],
+        "refused": baseline["refused"],
+        "score": baseline["score"],
+        "flip_verified": verified,
+        "size": greedy.get("size") if verified else None,
+        "minimal": greedy.get("minimal", []) if verified else [],
+        "evals": search.get("evals"),
+        "fm_auc": (search.get("interactions") or {}).get("heldout_auc"),
+        "n_dormant": len(search["dormant"]) if "dormant" in search else None,
+        "harmless_kl": search.get("harmless_kl"),
+        "instruction": baseline["instruction"],
+    }
+
+
+def load_jobs(root: Path) -> list[Job]:
+    runs = find_runs(root)
+    if not runs:
+        raise RefusalError(
+            f"{root} holds no run: no summary.json at or below it. Pass a run directory "
+            "(outputs/<task>/runs/<date>) or a sweep directory (outputs/<task>/multiruns/<date>)."
+        )
+    return label([load_run(path, root) for path in runs])
+
+
+def label(jobs: list[Job]) -> list[Job]:
+    """Label each job by its name and the overrides that differ between jobs
+    (`1: layers=[12]`), so plots and tables say what was swept."""
+    everywhere = set.intersection(*(set(j.overrides) for j in jobs))
+    for job in jobs:
+        varying = " ".join(o for o in job.overrides if o not in everywhere)
+        job.label = f"{job.name}: {varying}" if varying and len(jobs) > 1 else job.name
+    return jobs
+
+
+def jobs_table(jobs: list[Job]) -> pd.DataFrame:
+    """One row per job: what it flipped, how small the sets, how well the FM predicts."""
+    rows = []
+    for job in jobs:
+        s = job.summary
+        sizes = _present(s.get("minimal_set_sizes"))
+        rows.append(
+            {
+                "job": job.label,
+                "path": job.name,
+                "layers": " ".join(map(str, job.layers)),
+                "n_eval": s.get("n_eval"),
+                "n_refused": s.get("n_refused"),
+                "n_flipped": s.get("n_flipped_verified"),
+                "flip_rate": s.get("flip_rate"),
+                "mean_set_size": mean_or_none(sizes),
+                "median_set_size": median(sizes) if sizes else None,
+                "fm_auc": mean_or_none(_present(s.get("fm_heldout_auc"))),
+                "n_dormant": s.get("n_dormant"),
+                "harmless_kl": mean_or_none(_present(s.get("harmless_kl"))),
+                "evals_per_s": s.get("evals_per_s"),
+                "wall_seconds": s.get("wall_seconds"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def prompts_table(jobs: list[Job]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"job": job.label, **p, "minimal": " ".join(p["minimal"])}
+            for job in jobs
+            for p in job.prompts
+        ]
+    )
+
+
+def overlap(jobs: list[Job]) -> pd.DataFrame:
+    """For each pair of jobs: the mean Jaccard of their minimal sets over the prompts both
+    flipped, how many features their minimal sets share (any prompt), and the Jaccard of
+    the prompts they flipped. Features of different layers never coincide, so for a layer
+    sweep the prompt Jaccard is the telling one."""
+    sets = [job.minimal_sets() for job in jobs]
+    rows = []
+    for a, job_a in enumerate(jobs):
+        for b, job_b in enumerate(jobs):
+            common = sets[a].keys() & sets[b].keys()
+            flipped = sets[a].keys() | sets[b].keys()
+            features_a = set().union(*sets[a].values())
+            features_b = set().union(*sets[b].values())
+            rows.append(
+                {
+                    "job_a": job_a.label,
+                    "job_b": job_b.label,
+                    "minimal_set_jaccard": mean_or_none(
+                        [_jaccard(sets[a][p], sets[b][p]) for p in common]
+                    ),
+                    "shared_features": len(features_a & features_b),
+                    "flipped_prompt_jaccard": len(common) / len(flipped) if flipped else None,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _present(values: list | None) -> list:
+    return [v for v in values or [] if v is not None]
+
+
+def metrics_figure(jobs: list[Job]) -> Figure:
+    """Flip rate, minimal-set sizes, FM held-out AUC and dormant count, per job."""
+    labels = [job.label for job in jobs]
+    fig = Figure(figsize=(max(8.0, 1.6 * len(jobs) + 4), 7), layout="constrained")
+    (flips, sizes), (aucs, dormant) = fig.subplots(2, 2)
+    flips.bar(labels, [job.summary.get("flip_rate") or 0.0 for job in jobs])
+    flips.set(title="flip rate (verified flips / refused)", ylim=(0, 1))
+    _distribution(sizes, labels, [_present(j.summary.get("minimal_set_sizes")) for j in jobs])
+    sizes.set(title="minimal-set size |M|")
+    _distribution(aucs, labels, [_present(j.summary.get("fm_heldout_auc")) for j in jobs])
+    aucs.set(title="FM held-out AUC", ylim=(0, 1.05))
+    dormant.bar(labels, [job.summary.get("n_dormant") or 0 for job in jobs])
+    dormant.set(title="dormant features")
+    for ax in (flips, sizes, aucs, dormant):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    return fig
+
+
+def _distribution(ax, labels: list[str], values: list[list[float]]) -> None:
+    """Every value as a dot over a box plot (a box needs values; an empty job gets none)."""
+    positions = list(range(len(labels)))
+    filled = [(x, v) for x, v in zip(positions, values) if v]
+    if filled:
+        ax.boxplot([v for _, v in filled], positions=[x for x, _ in filled], widths=0.5)
+    for x, v in filled:
+        ax.plot([x] * len(v), v, "o", alpha=0.5, color="tab:blue")
+    ax.set_xticks(positions, labels)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+
+
+def overlap_figure(table: pd.DataFrame, labels: list[str]) -> Figure:
+    fig = Figure(figsize=(15, 5), layout="constrained")
+    for ax, column in zip(fig.subplots(1, 3), OVERLAP_COLUMNS):
+        matrix = table.pivot(index="job_a", columns="job_b", values=column).loc[labels, labels]
+        jaccard = column.endswith("jaccard")  # on 0..1; counts from 0
+        image = ax.imshow(
+            matrix.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=1 if jaccard else None
+        )
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(column.replace("_", " "))
+        fig.colorbar(image, ax=ax)
+    return fig
+
+
+OVERLAP_COLUMNS = ["minimal_set_jaccard", "shared_features", "flipped_prompt_jaccard"]
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A pipe table; floats to 3 significant digits, missing values blank."""
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join(lines)
+
+
+def write(jobs: list[Job], out: Path, source: str) -> Path:
+    """report.md with its CSV tables and PNG plots in out; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = jobs_table(jobs)
+    table.to_csv(out / "report.csv", index=False)
+    metrics_figure(jobs).savefig(out / "report_metrics.png", dpi=120)
+    lines = [
+        f"# refusal report: {source}",
+        "",
+        f"{len(jobs)} run(s). Written from their summaries and per-prompt results.",
+        "",
+        "## Per job" if len(jobs) > 1 else "## Summary",
+        "",
+        markdown(table.drop(columns="path")),  # the CSV keeps it
+        "",
+        "![flip rate, minimal-set sizes, FM AUC, dormant features](report_metrics.png)",
+        "",
+    ]
+    if len(jobs) > 1:
+        lines += _overlap_section(jobs, out)
+    prompts = prompts_table(jobs)
+    if not prompts.empty:
+        prompts.to_csv(out / "report_prompts.csv", index=False)
+    if len(jobs) == 1 and not prompts.empty:
+        lines += _run_section(jobs[0], prompts.drop(columns="job"), out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _overlap_section(jobs: list[Job], out: Path) -> list[str]:
+    table = overlap(jobs)
+    table.to_csv(out / "report_overlap.csv", index=False)
+    labels = [job.label for job in jobs]
+    overlap_figure(table, labels).savefig(out / "report_overlap.png", dpi=120)
+    lines = ["## How the minimal sets of different jobs overlap", ""]
+    for column in OVERLAP_COLUMNS:
+        matrix = table.pivot(index="job_a", columns="job_b", values=column).loc[labels, labels]
+        lines += [f"**{column.replace('_', ' ')}**", "", markdown(matrix.reset_index()), ""]
+    return [*lines, "![overlap](report_overlap.png)", ""]
+
+
+def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[str]:
+    lines = ["## Prompts", "", markdown(prompts), ""]
+    if job.interactions:
+        lines += ["## FM interactions", ""]
+    for pid, readout in sorted(job.interactions.items()):
+        name = f"report_fm_prompt_{pid}.png"
+        figure = interaction_heatmap(
+            readout["interactions"], readout["features"], f"prompt {pid}: FM interactions"
+        )
+        figure.savefig(out / name, dpi=120)
+        lines += [f"![prompt {pid}]({name})", ""]
+    return lines
+
+
+def write_quietly(run_dir: Path) -> Path | None:
+    """The report of a finished run; a failure is logged, never raised (it can be rebuilt)."""
+    try:
+        return write(load_jobs(run_dir), run_dir, str(run_dir))
+    except Exception as error:  # the run's results are written already
+        log.warning(
+            "report failed (%r); rebuild it with: python -m refusal.report %s", error, run_dir
+        )
+        return None
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, the sweep's report in its sweep directory."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        path = write_quietly(sweep)
+        if path is not None:
+            log.info("sweep report: %s", path)
+
+
+def wandb_api(timeout: float = 3.0) -> wandb.Api:
+    """wandb.Api, after checking quickly that the W&B server can be reached and logged in to."""
+    url = wandb.Settings().base_url
+    host = urlparse(url).hostname or url
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise WandbUnavailable(
+            f"cannot reach the W&B server {url} ({error}). Build the report from the run "
+            "directories instead: python -m refusal.report <run or sweep dir> (they hold "
+            "everything W&B has), or upload offline runs later with `wandb sync`."
+        ) from None
+    try:
+        return wandb.Api(timeout=20)
+    except wandb.errors.UsageError as error:
+        raise WandbUnavailable(
+            f"W&B refused the login ({error}). Set WANDB_API_KEY or run `wandb login`."
+        ) from None
+
+
+def load_wandb(path: str, group: str | None) -> list[Job]:
+    """Jobs from the W&B runs of ENTITY/PROJECT (of one group): summaries and minimal sets."""
+    runs = wandb_api().runs(path, filters={"group": group} if group else None)
+    jobs = [_wandb_job(run) for run in runs]
+    if not jobs:
+        raise WandbUnavailable(f"W&B has no runs in {path}" + (f" group {group}" if group else ""))
+    return label(jobs)
+
+
+def _wandb_job(run) -> Job:
+    summary = dict(run.summary)  # the tracker put summary.json's keys and the minimal sets here
+    return Job(
+        name=run.id,
+        summary=summary,
+        layers=list(run.config.get("layers", [])),
+        overrides=list(run.config.get("overrides", [])),
+        prompts=[
+            {"prompt_id": int(pid), "flip_verified": True, "minimal": list(minimal)}
+            for pid, minimal in dict(summary.get("minimal_sets") or {}).items()
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m refusal.report", description=__doc__)
+    parser.add_argument("path", nargs="?", type=Path, help="a run or sweep directory")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read W&B runs instead")
+    parser.add_argument("--group", help="with --wandb: only this group (a sweep)")
+    parser.add_argument("--out", type=Path, help="where to write (default: the directory)")
+    args = parser.parse_args(argv)
+    if (args.path is None) == (args.wandb is None):
+        parser.error("give a run or sweep directory, or --wandb ENTITY/PROJECT")
+    try:
+        if args.wandb:
+            jobs, source = load_wandb(args.wandb, args.group), f"W&B {args.wandb}"
+            out = args.out or Path("outputs") / "reports" / args.wandb.replace("/", "_")
+        else:
+            jobs, source, out = load_jobs(args.path), str(args.path), args.out or args.path
+        path = write(jobs, out, source)
+    except RefusalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

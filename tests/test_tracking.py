@@ -1,0 +1,493 @@
+"""W&B tracking: what a run logs is read back from its offline run files; sweeps and
+presets compose and run; a W&B failure never costs a run its results."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import open_dict
+from wandb.proto import wandb_internal_pb2
+
+from refusal import pipeline, tracking
+from tests.conftest import CONF, make_cfg
+from tests.test_pipeline import BASE
+from train import objective
+
+ROOT = CONF.parent
+# Small and fast: two prompts, few generated tokens, W&B on.
+TINY = [
+    *(o for o in BASE if o not in ("logger=none", "data.max_eval=3")),
+    "data.max_eval=2",
+    "judge.max_new_tokens=4",
+]
+NP_ID = "gemma-2-2b/12-gemmascope-res-16k"
+
+
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch):
+    """Offline W&B whatever the environment, and no W&B settings leaking between tests."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_GROUP", "WANDB_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    tracking.finish_open_run()
+
+
+# --- reading an offline W&B run back -------------------------------------------------
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a .wandb file: a LevelDB-style log of 32 KiB blocks, each
+    record chunk behind a 7-byte header (CRC, length, type: full / first / middle / last)."""
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, chunks = 7, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        chunk, pos = data[pos + header : pos + header + length], pos + header + length
+        if kind == 0:
+            continue
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            yield record
+
+
+def _key(item) -> str:
+    return "/".join(item.nested_key) if item.nested_key else item.key
+
+
+def _nest(flat: dict) -> dict:
+    """Summary and history items come as nested keys ("a/b/path"); media keys hold dicts."""
+    out = {}
+    for key, value in flat.items():
+        out[key] = value
+        parent, _, leaf = key.rpartition("/")
+        if parent and leaf in ("path", "_type"):
+            out.setdefault(parent, {})
+            if isinstance(out[parent], dict):
+                out[parent][leaf] = value
+    return out
+
+
+def read_wandb_run(run_dir: Path) -> SimpleNamespace:
+    """Everything an offline run logged: identity, config, history rows, summary, exit."""
+    (run_file,) = run_dir.glob("run-*.wandb")
+    run = SimpleNamespace(dir=run_dir, config={}, history=[], summary={}, exit_code=None)
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.id, run.group = record.run.run_id, record.run.run_group
+            run.name, run.tags = record.run.display_name, list(record.run.tags)
+        elif kind == "config":
+            run.config |= {u.key: json.loads(u.value_json) for u in record.config.update}
+        elif kind == "history":
+            run.history.append(
+                _nest({_key(i): json.loads(i.value_json) for i in record.history.item})
+            )
+        elif kind == "summary":
+            run.summary |= {_key(u): json.loads(u.value_json) for u in record.summary.update}
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    run.summary = _nest(run.summary)
+    return run
+
+
+def table(run: SimpleNamespace, key: str) -> list[dict]:
+    """A logged table's rows, increments of an incremental table concatenated."""
+    rows = []
+    for entry in run.history:
+        if key in entry and isinstance(entry[key], dict) and "path" in entry[key]:
+            data = json.loads((run.dir / "files" / entry[key]["path"]).read_text())
+            rows += [dict(zip(data["columns"], row)) for row in data["data"]]
+    return rows
+
+
+def wandb_run_dirs(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "wandb").glob("offline-run-*"))
+
+
+# --- the tracker, on synthetic results ------------------------------------------------
+
+
+def synthetic_results() -> tuple[list[dict], SimpleNamespace, list[dict], dict]:
+    baseline = [
+        {"prompt_id": 0, "instruction": "a", "score": 2.0, "reply": "I can't.", "refused": True},
+        {"prompt_id": 1, "instruction": "b", "score": 1.5, "reply": "No.", "refused": True},
+        {"prompt_id": 2, "instruction": "c", "score": -3.0, "reply": "Sure", "refused": False},
+    ]
+    selection = SimpleNamespace(
+        layer=12,
+        position=-1,
+        scores=[
+            {"layer": 11, "position": -1, "bypass": 0.5, "induce": 1.0, "kl": 0.01},
+            {"layer": 12, "position": -1, "bypass": -2.0, "induce": 2.0, "kl": 0.02},
+        ],
+    )
+    flipped = {
+        "stage": "search",
+        "prompt_id": 0,
+        "instruction": "a",
+        "clean_score": 2.0,
+        "candidates": [
+            {"feature": "L12/7", "cos": 0.4},
+            {"feature": "L12/9", "cos": 0.3},
+            {"feature": "L12/11", "cos": 0.2},
+        ],
+        "greedy": {"flips_all": True, "minimal": ["L12/7", "L12/9"], "size": 2, "score": -1.0}
+        | {"evals": 9, "batches": 3, "one_minimal": True},
+        "reply_after": "Here is how",
+        "flip_verified": True,
+        "interactions": {
+            "features": ["L12/7", "L12/9", "L12/11"],
+            "n_masks": 64,
+            "flip_fraction": 0.3,
+            "heldout_auc": 0.9,
+            "main_effects": [],
+            "top_pairs": [{"a": "L12/7", "b": "L12/9", "interaction": -0.8}],
+            "interactions": [[0.0, -0.8, 0.1], [-0.8, 0.0, 0.0], [0.1, 0.0, 0.0]],
+            "checkpoint": None,
+            "epochs": 10,
+        },
+        "dormant": [
+            {
+                "feature": "L12/300",
+                "layer": 12,
+                "latent": 300,
+                "before": 0.0,
+                "after": 1.7,
+                "score_without": -1.0,
+                "score_with": -2.5,
+                "effect": -1.5,
+            }
+        ],
+        "harmless_kl": 0.05,
+        "evals": 80,
+        "seconds": 2.0,
+    }
+    unflipped = {
+        "stage": "search",
+        "prompt_id": 1,
+        "instruction": "b",
+        "clean_score": 1.5,
+        "candidates": [{"feature": "L12/7", "cos": 0.4}],
+        "greedy": {"flips_all": False, "minimal": [], "size": 0, "score": 1.0}
+        | {"evals": 1, "batches": 1, "one_minimal": False},
+        "flip_verified": False,
+        "evals": 1,
+        "seconds": 0.5,
+    }
+    summary = {
+        "n_eval": 3,
+        "n_refused": 2,
+        "n_flipped_verified": 1,
+        "flip_rate": 0.5,
+        "minimal_set_sizes": [2],
+        "all_minimal_verified": True,
+        "fm_heldout_auc": [0.9],
+        "harmless_kl": [0.05],
+        "n_dormant": 1,
+        "evals_per_s": 32.4,
+        "wall_seconds": 3.0,
+    }
+    return baseline, selection, [flipped, unflipped], summary
+
+
+def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
+    cfg = make_cfg(["model=tiny_llama", "sae=gemma_scope_res_16k", "layers=[12]"], tmp_path)
+    tracker = tracking.build(cfg)
+    assert tracker.run is not None and tracker.run.offline
+    baseline, selection, searched, summary = synthetic_results()
+    tracker.baseline(baseline)
+    tracker.direction(selection)
+    for result in searched:
+        tracker.prompt(result)
+    tracker.summary(summary)
+    tracker.finish()
+
+    (run_dir,) = wandb_run_dirs(tmp_path)  # inside the job's output directory
+    run = read_wandb_run(run_dir)
+    assert run.exit_code == 0
+    assert {"model=tiny_llama", "sae=gemma_scope_res_16k", "layer=12"} <= set(run.tags)
+    assert run.group == ""  # a single run belongs to no sweep
+    assert run.config["search.fm.rank"] == 4 and run.config["layers"] == [12]
+    assert run.config["choices.sae"] == "gemma_scope_res_16k"
+
+    assert [r["score"] for r in table(run, "baseline/prompts")] == [2.0, 1.5, -3.0]
+    scores = table(run, "direction/scores")
+    assert [(s["layer"], s["chosen"]) for s in scores] == [(11, False), (12, True)]
+    assert (run.summary["direction/layer"], run.summary["direction/position"]) == (12, -1)
+
+    prompts = table(run, "search/prompts")
+    assert [p["prompt_id"] for p in prompts] == [0, 1]
+    first = prompts[0]
+    assert first["minimal"] == "L12/7 L12/9" and first["size"] == 2 and first["flip_verified"]
+    assert first["neuronpedia"].split() == [
+        f"https://www.neuronpedia.org/{NP_ID}/7",
+        f"https://www.neuronpedia.org/{NP_ID}/9",
+    ]
+    assert (first["reply_before"], first["reply_after"]) == ("I can't.", "Here is how")
+    assert first["evals"] == 80 and first["fm_heldout_auc"] == 0.9
+    assert prompts[1]["minimal"] == "" and not prompts[1]["flip_verified"]
+
+    candidates = table(run, "direction/candidates")
+    assert [(c["feature"], c["cos"], c["in_minimal"]) for c in candidates[:3]] == [
+        ("L12/7", 0.4, True),
+        ("L12/9", 0.3, True),
+        ("L12/11", 0.2, False),
+    ]
+    assert table(run, "fm/top_pairs") == [
+        {
+            "prompt_id": 0,
+            "a": "L12/7",
+            "b": "L12/9",
+            "interaction": -0.8,
+            "neuronpedia_a": f"https://www.neuronpedia.org/{NP_ID}/7",
+            "neuronpedia_b": f"https://www.neuronpedia.org/{NP_ID}/9",
+        }
+    ]
+    (dormant,) = table(run, "dormant/features")
+    assert (dormant["feature"], dormant["before"], dormant["after"], dormant["effect"]) == (
+        "L12/300",
+        0.0,
+        1.7,
+        -1.5,
+    )
+    images = [h["fm/interactions"] for h in run.history if "fm/interactions" in h]
+    assert len(images) == 1
+    assert (run_dir / "files" / images[0]["path"]).read_bytes()[:4] == b"\x89PNG"
+
+    s = run.summary
+    assert (s["flip_rate"], s["n_dormant"], s["evals_per_s"]) == (0.5, 1, 32.4)
+    assert (s["minimal_set_size_mean"], s["fm_auc_mean"]) == (2.0, 0.9)
+    assert s["minimal_sets"] == {"0": ["L12/7", "L12/9"]} and s["minimal_set_sizes"] == [2]
+
+
+class BrokenRun:
+    """A W&B run whose every call fails, as when the service dies mid-run."""
+
+    offline, dir = True, "/nonexistent/files"
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"W&B is down ({name})")
+
+
+def test_a_wandb_failure_is_a_warning_not_a_crash(caplog):
+    tracker = tracking.Tracker(BrokenRun())
+    baseline, selection, searched, summary = synthetic_results()
+    tracker.baseline(baseline)
+    tracker.direction(selection)
+    tracker.prompt(searched[0])
+    tracker.summary(summary)
+    tracker.fm_loggers(0)[0].log_metrics({"val_loss": 1.0}, step=0)
+    tracker.finish()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for stage in ("baseline", "direction", "prompt", "summary", "FM metrics", "finish"):
+        assert any(f"W&B {stage} failed" in m and "run directory" in m for m in warned), stage
+
+
+def test_a_wandb_that_cannot_start_leaves_a_working_run(tmp_path, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no W&B today")
+
+    monkeypatch.setattr("wandb.init", refuse)
+    tracker = tracking.build(make_cfg(["model=tiny_llama", "sae=random", "layer=tiny"], tmp_path))
+    assert tracker.run is None and tracker.fm_loggers(0) == []
+    tracker.baseline(synthetic_results()[0])  # a no-op, not an error
+    assert any("W&B start failed" in r.getMessage() for r in caplog.records)
+
+
+def test_logger_none_and_csv(tmp_path):
+    none = tracking.build(make_cfg(["logger=none"], tmp_path))
+    assert none.run is None and none.fm_loggers(0) == []
+    csv = tracking.build(make_cfg(["logger=csv"], tmp_path))
+    (logger,) = csv.fm_loggers(3)
+    assert isinstance(logger, CSVLogger) and csv.run is None
+    assert Path(logger.log_dir) == tmp_path / "csv" / "fm_prompt_3"
+
+
+def test_objective_is_a_float_a_sweeper_can_rank():
+    assert objective(None) == 0.0  # nothing refused: no flip rate
+    assert objective(0.25) == 0.25
+    assert objective([0.5, None, 1.0]) == 0.75 and objective([None]) == 0.0
+
+
+# --- the pipeline, in process ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flipping(tmp_path_factory) -> tuple[float, str]:
+    """A threshold and a refusal marker under which the tiny model refuses a prompt and
+    ablating its minimal set verifiably flips it (its clean reply is the marker)."""
+    out = tmp_path_factory.mktemp("probe")
+    pipeline.run(make_cfg([*TINY, "logger=none", "judge.threshold=-1000"], out))
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    search = next(r for r in rows if r["stage"] == "search" and r["greedy"])
+    reply = next(r["reply"] for r in rows if r["prompt_id"] == search["prompt_id"])
+    return (search["clean_score"] + search["greedy"]["score"]) / 2, reply.strip()
+
+
+@pytest.mark.slow
+def test_pipeline_logs_every_stage_to_wandb(tmp_path, flipping):
+    threshold, marker = flipping
+    cfg = make_cfg([*TINY, f"judge.threshold={threshold}"], tmp_path)
+    with open_dict(cfg):
+        cfg.judge.markers = [marker]
+    pipeline.run(cfg)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    searched = [r for r in rows if r["stage"] == "search"]
+    assert summary["n_flipped_verified"] >= 1, "the marker was chosen so that a flip verifies"
+    (run_dir,) = wandb_run_dirs(tmp_path)
+    run = read_wandb_run(run_dir)
+    assert run.exit_code == 0 and "model=tiny_llama" in run.tags
+
+    assert len(table(run, "baseline/prompts")) == summary["n_eval"]
+    direction = json.loads((tmp_path / "direction.json").read_text())
+    assert len(table(run, "direction/scores")) == len(direction["scores"])
+    logged = {p["prompt_id"]: p for p in table(run, "search/prompts")}
+    assert logged.keys() == {r["prompt_id"] for r in searched}
+    for result in searched:
+        if result["flip_verified"]:
+            assert logged[result["prompt_id"]]["minimal"].split() == result["greedy"]["minimal"]
+            assert logged[result["prompt_id"]]["flip_verified"]
+            curve = [h for h in run.history if f"fm/prompt_{result['prompt_id']}/val_loss" in h]
+            assert curve, "the FM's training curve is logged through Lightning's WandbLogger"
+    assert any("fm/interactions" in h for h in run.history)
+    aucs = [a for a in summary["fm_heldout_auc"] if a is not None]
+    assert run.summary["flip_rate"] == summary["flip_rate"]
+    assert run.summary["n_dormant"] == summary["n_dormant"]
+    assert run.summary["evals_per_s"] == pytest.approx(summary["evals_per_s"])
+    assert run.summary["minimal_set_sizes"] == summary["minimal_set_sizes"]
+    sizes = summary["minimal_set_sizes"]
+    assert run.summary["minimal_set_size_mean"] == pytest.approx(sum(sizes) / len(sizes))
+    if aucs:
+        assert run.summary["fm_auc_mean"] == pytest.approx(sum(aucs) / len(aucs))
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report_metrics.png").exists()
+
+
+# --- presets and sweeps ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,target",
+    [
+        ("hydra/launcher=joblib", "JoblibLauncher"),
+        ("hydra/launcher=submitit_local", "LocalLauncher"),
+        ("hydra/launcher=submitit_slurm", "SlurmLauncher"),
+        ("hydra/launcher=slurm_gpu", "SlurmLauncher"),
+    ],
+)
+def test_launcher_presets_compose(override, target, tmp_path):
+    cfg = make_cfg([override], tmp_path)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if override.endswith("slurm_gpu"):
+        assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_sweep_presets_compose(tmp_path):
+    optuna = make_cfg(["hparams_search=organism_optuna"], tmp_path)
+    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert optuna.hydra.mode.name == "MULTIRUN" and optuna.optimized_metric == "flip_rate"
+    assert set(optuna.hydra.sweeper.params) == {
+        "search.candidates.top_k",
+        "search.candidates.cos_floor",
+        "search.fm.rank",
+        "search.fm.n_masks",
+    }
+    layers = make_cfg(["experiment=organism_layer_sweep"], tmp_path)
+    assert layers.hydra.mode.name == "MULTIRUN"
+    assert layers.hydra.sweeper.params.layers == "[6],[12],[18],[24]"
+
+
+def train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    out = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env | {"WANDB_SILENT": "true"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def job_runs(sweep: Path) -> list[SimpleNamespace]:
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    return [read_wandb_run(run_dir) for job in jobs for run_dir in wandb_run_dirs(job)]
+
+
+@pytest.mark.slow
+def test_submitit_local_multirun_groups_its_jobs_and_reports_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    train(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            *(o for o in TINY if o != "layer=tiny"),
+            "layers=[1],[2]",
+            "judge.threshold=-11.4",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    runs = job_runs(sweep)
+    assert len(runs) == 2 and runs[0].id != runs[1].id  # one W&B run per job
+    assert runs[0].group == runs[1].group == f"train/{sweep.name}"
+    assert [r.config["layers"] for r in runs] == [[1], [2]]
+    assert all(r.exit_code == 0 for r in runs)
+    assert all(r.dir.parent.parent.parent == sweep for r in runs)  # <sweep>/<job>/wandb/<run>
+    report = (sweep / "report.csv").read_text().splitlines()
+    assert len(report) == 3 and "layers=[1]" in report[1] and "layers=[2]" in report[2]
+    assert "How the minimal sets of different jobs overlap" in (sweep / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_organism_layer_sweep_runs_jobs_in_one_process_each_with_its_own_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    train(
+        [
+            "experiment=organism_layer_sweep",
+            *(o for o in TINY if o != "layer=tiny"),
+            "hydra.sweeper.params.layers='[1],[2]'",
+            "judge.threshold=1000",  # nothing refused: fast, and still a result
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    runs = job_runs(sweep)
+    assert len(runs) == 2 and runs[0].id != runs[1].id
+    assert runs[0].group == runs[1].group == f"organism_layer_sweep/{sweep.name}"
+    assert all(r.exit_code == 0 and r.summary["n_refused"] == 0 for r in runs)
+
+
+@pytest.mark.slow
+def test_optuna_sweep_optimises_the_returned_metric(tmp_path):
+    sweep = tmp_path / "sweep"
+    train(
+        [
+            "hparams_search=organism_optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+            *TINY,
+            "judge.threshold=1000",  # no prompt refused: flip rate None, counted as 0.0
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == 0.0
+    # top_k and n_masks are pinned on the command line (TINY), the others are searched
+    assert set(results["best_params"]) == {"search.candidates.cos_floor", "search.fm.rank"}
+    assert len(job_runs(sweep)) == 2
