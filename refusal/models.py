@@ -158,12 +158,12 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return getattr(torch, dtype)
-    except AttributeError:
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
         raise ConfigError(
             f"model.dtype={dtype} is not a torch dtype: use auto, float32 or bfloat16."
-        ) from None
+        )
+    return resolved
 
 
 def gguf_in_package(package: str, filename: str | None = None) -> Path:

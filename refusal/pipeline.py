@@ -7,11 +7,14 @@ line per prompt per stage); a resumed run skips every (stage, prompt) already th
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -19,6 +22,7 @@ from tqdm import tqdm
 
 from refusal import data, direction, dormant, fm, greedy, judge, models, report, saes, tracking
 from refusal.engine import Ablation, Engine, Feature, PromptProbe
+from refusal.errors import ConfigError
 from refusal.tracking import RunDir, Tracker
 
 console = Console(stderr=True)
@@ -58,11 +62,39 @@ class Run:
         return row
 
 
+CHOICES = {
+    "search.ablation.mode": ("zero", "scale"),
+    "search.ablation.positions": ("prompt", "all"),
+    "search.fm.target": ("bce", "mse"),
+    "judge.kind": ("markers", "classifier"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject settings outside their choices before anything slow happens."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value} is not one of {list(choices)}.")
+    if cfg.judge.kind == "classifier":
+        raise ConfigError(
+            f"judge.kind=classifier ({cfg.judge.classifier}) is not available yet: "
+            "use judge=default (refusal markers)."
+        )
+
+
+def resuming(cfg: DictConfig) -> bool:
+    """resume=true, or a re-launched multirun job whose directory already holds results."""
+    if cfg.resume:
+        return True
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    return hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+
+
 def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
-    prompts = data.load(
-        cfg.data
-    )  # cheap checks first: a bad prompt file fails before the model loads
+    validate(cfg)
+    prompts = data.load(cfg.data)  # cheap checks first: a bad prompt file fails before loading
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
         sae_by_layer = saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed)
@@ -74,7 +106,7 @@ def setup(cfg: DictConfig) -> Run:
         batch_size=cfg.search.batch_size,
     )
     out = RunDir(cfg.paths.output_dir)
-    if not cfg.resume and out.read(RESULTS):
+    if not resuming(cfg) and out.read(RESULTS):
         out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
     return Run(cfg, lm, engine, prompts, out, tracking.build(cfg))
 
@@ -123,7 +155,8 @@ def refusal_direction(run: Run) -> tuple[torch.Tensor, direction.Selection]:
         cfg.induce_min,
         cfg.n_positions,
     )
-    torch.save({"directions": directions, "selection": asdict(selection)}, path)
+    saved = {"directions": directions, "selection": asdict(selection)}
+    run.out.write_atomic(path.name, lambda f: torch.save(saved, f))
     run.out.write_json(
         "direction.json", {k: v for k, v in asdict(selection).items() if k != "direction"}
     )
@@ -221,6 +254,7 @@ def interactions(
     )
     scores = probe.score(features, masks)
     out_dir = run.out.path / "fm" / f"prompt_{prompt_id}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # left by a killed run: train afresh
     readout = fm.fit(
         masks,
         scores,
