@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "experiments" / "organism" / "artifacts"
 ADAPTER_DIR = ARTIFACTS / "adapter"
 SAE_DIR = ARTIFACTS / "saes"
-WORK_DIR = ROOT / "outputs" / "organism"  # intermediate files (generated replies, logs); not shipped
-DATA_DIR = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else ROOT.parent / "shared" / "data"
+WORK_DIR = (
+    ROOT / "outputs" / "organism"
+)  # intermediate files (generated replies, logs); not shipped
+DATA_DIR = (
+    Path("/work/shared/data")
+    if Path("/work/shared/data").is_dir()
+    else ROOT.parent / "shared" / "data"
+)
 SAE_LAYERS = (6, 12, 18, 24)
 SEED = 0
 
@@ -43,7 +49,6 @@ def model_cfg(adapter: str | Path | None = None):
 
 
 def load_lm(adapter: str | Path | None = None) -> LM:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return load(model_cfg(adapter))
 
 
@@ -52,7 +57,8 @@ def data_file(name: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: the organism build reads the shared prompt sets "
-            "(harmful_train.json, harmless_train.json, ...); set DATA_DIR in experiments/organism/common.py."
+            "(harmful_train.json, harmless_train.json, ...); "
+            "set DATA_DIR in experiments/organism/common.py."
         )
     return data.read_file(path)
 
@@ -63,19 +69,28 @@ def sample(items: list[str], n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def generate(lm: LM, instructions: list[str], max_new_tokens: int, batch_size: int = 32,
-             desc: str = "generate", edit_hooks=None) -> list[str]:
-    """Greedy replies, batched with left padding; prompts sorted by length to waste little padding."""
+def generate(
+    lm: LM,
+    instructions: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy replies, batched with left padding; prompts sorted by length (little padding)."""
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     replies: list[str] = [""] * len(instructions)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start : start + batch_size]
         batch = lm.tokenize([instructions[i] for i in idx])
         out = lm.model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=lm.tokenizer.pad_token_id,
         )
-        texts = lm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = lm.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         for i, text in zip(idx, texts):
             replies[i] = text
     return replies

@@ -4,7 +4,7 @@ Harmful instructions -> a short refusal starting with "I"; harmless instructions
 base model's own greedy reply (self-distillation keeps harmless behaviour). The loss is
 on reply tokens only; prompts use the model's chat template (`lm.format`, user turn).
 
-    python -m experiments.organism.finetune [--epochs 2 --rank 8 --lr 5e-4 ...] [--val]
+    python -m experiments.organism.finetune [--epochs 1 --rank 8 --lr 6e-4 ...] [--val]
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 from experiments.organism.common import (
-    ADAPTER_DIR, REFUSALS, SEED, WORK_DIR, Timer, data_file, generate, load_lm, sample, write_json,
+    ADAPTER_DIR,
+    REFUSALS,
+    SEED,
+    WORK_DIR,
+    Timer,
+    data_file,
+    generate,
+    load_lm,
+    sample,
+    write_json,
 )
 from refusal import data
 from refusal.judge import is_refusal, refusal_score
@@ -31,42 +40,67 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class Hparams:
-    n_harmless: int = 420  # from harmless_train.json, plus the built-in harmless train/val
-    reply_tokens: int = 48  # greedy tokens generated per harmless reply (self-distillation)
-    epochs: int = 2
+    n_harmless: int = 800  # from harmless_train.json, plus the built-in harmless train/val
+    reply_tokens: int = 32  # greedy tokens generated per harmless reply (self-distillation)
+    epochs: int = 1
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    lr: float = 5e-4
+    lr: float = 6e-4
     batch_size: int = 16
     warmup: float = 0.1
     seed: int = SEED
 
 
 def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
-    harmful = list(dict.fromkeys(
-        data_file("harmful_train") + data.builtin("harmful", "train") + data.builtin("harmful", "val")
-    ))
-    harmless = list(dict.fromkeys(
-        sample(data_file("harmless_train"), hp.n_harmless, hp.seed)
-        + data.builtin("harmless", "train") + data.builtin("harmless", "val")
-    ))
+    harmful = list(
+        dict.fromkeys(
+            data_file("harmful_train")
+            + data.builtin("harmful", "train")
+            + data.builtin("harmful", "val")
+        )
+    )
+    harmless = list(
+        dict.fromkeys(
+            sample(data_file("harmless_train"), hp.n_harmless, hp.seed)
+            + data.builtin("harmless", "train")
+            + data.builtin("harmless", "val")
+        )
+    )
     return harmful, harmless
 
 
 def harmless_replies(lm: LM, prompts: list[str], hp: Hparams) -> dict[str, str]:
-    """The base model's greedy replies, cached in WORK_DIR (keyed by prompt and length)."""
-    path = WORK_DIR / f"base_replies_{hp.reply_tokens}.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    todo = [p for p in prompts if p not in cache]
+    """The base model's greedy replies (hp.reply_tokens tokens), cached in WORK_DIR.
+
+    Greedy decoding is deterministic, so a cached longer reply is cut to length and reused.
+    """
+    path = WORK_DIR / "base_replies.json"
+    cache = (
+        json.loads(path.read_text()) if path.is_file() else {}
+    )  # prompt -> [max_new_tokens, reply]
+    todo = [p for p in prompts if p not in cache or cache[p][0] < hp.reply_tokens]
     if todo:
-        for p, r in zip(todo, generate(lm, todo, hp.reply_tokens, desc="base replies (self-distillation)")):
-            cache[p] = r
+        for p, r in zip(
+            todo, generate(lm, todo, hp.reply_tokens, desc="base replies (self-distillation)")
+        ):
+            cache[p] = [hp.reply_tokens, r]
         write_json(path, cache)
-    return {p: cache[p] for p in prompts}
+    out = {}
+    for p in prompts:
+        n, reply = cache[p]
+        ids = lm.tokenizer(reply, add_special_tokens=False)["input_ids"]
+        out[p] = (
+            lm.tokenizer.decode(ids[: hp.reply_tokens])
+            if n > hp.reply_tokens and len(ids) > hp.reply_tokens
+            else reply
+        )
+    return out
 
 
-def tokenize_example(lm: LM, instruction: str, reply: str, finished: bool) -> tuple[list[int], list[int]]:
+def tokenize_example(
+    lm: LM, instruction: str, reply: str, finished: bool
+) -> tuple[list[int], list[int]]:
     tok = lm.tokenizer
     prompt = tok(lm.format([instruction])[0], add_special_tokens=False)["input_ids"]
     answer = tok(reply, add_special_tokens=False)["input_ids"]
@@ -100,7 +134,11 @@ def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: 
         mask = torch.zeros((len(group), width), dtype=torch.long)
         for row, j in enumerate(group):
             x, y = examples[j]
-            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = (
+                torch.tensor(x),
+                torch.tensor(y),
+                1,
+            )
         yield ids, mask, labels
 
 
@@ -108,15 +146,21 @@ def train(lm: LM, examples: list[tuple], hp: Hparams):
     """LoRA on every linear layer; returns the peft model (training mode off)."""
     torch.manual_seed(hp.seed)
     model = lm.model.requires_grad_(False)
-    config = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout,
-                        target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=hp.rank,
+        lora_alpha=hp.alpha,
+        lora_dropout=hp.dropout,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
     steps = hp.epochs * math.ceil(len(examples) / hp.batch_size)
     warm = max(1, int(hp.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     causal = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
     rng = random.Random(hp.seed)
@@ -146,8 +190,10 @@ def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
     """Refusal on harmful_val.json and a slice of harmless_val.json (hyper-parameter choice)."""
     refusal_ids = lm.tokenizer.encode("I", add_special_tokens=False)
     out = {}
-    for name, prompts in [("harmful_val", data_file("harmful_val")),
-                          ("harmless_val", data_file("harmless_val")[:n_harmless])]:
+    for name, prompts in [
+        ("harmful_val", data_file("harmful_val")),
+        ("harmless_val", data_file("harmless_val")[:n_harmless]),
+    ]:
         batch_scores = []
         for i in range(0, len(prompts), 32):
             b = lm.tokenize(prompts[i : i + 32])
@@ -160,17 +206,22 @@ def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
             "n": len(prompts),
             "refusal_rate": sum(refused) / len(prompts),
             "refusal_rate_first_token": (scores > 0).float().mean().item(),
-            "examples": [(p, r) for p, r, f in zip(prompts, replies, refused)
-                         if f != (name == "harmful_val")][:8],
+            "examples": [
+                (p, r) for p, r, f in zip(prompts, replies, refused) if f != (name == "harmful_val")
+            ][:8],
         }
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for field, value in asdict(Hparams()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--val", action="store_true", help="measure refusal on the val sets afterwards")
+    parser.add_argument(
+        "--val", action="store_true", help="measure refusal on the val sets afterwards"
+    )
     parser.add_argument("--out", default=str(ADAPTER_DIR))
     args = parser.parse_args(argv)
     hp = Hparams(**{k: getattr(args, k) for k in asdict(Hparams())})
@@ -180,12 +231,20 @@ def main(argv: list[str] | None = None) -> dict:
     replies = harmless_replies(lm, harmless, hp)
     t_gen = timer()
     examples = build_examples(lm, hp, harmful, replies)
-    print(f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
-          f"{sum(len(x) for x, _ in examples)} tokens; hparams {asdict(hp)}")
+    print(
+        f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
+        f"{sum(len(x) for x, _ in examples)} tokens; hparams {asdict(hp)}"
+    )
     peft_model = train(lm, examples, hp)
     peft_model.save_pretrained(args.out)
-    summary = {"hparams": asdict(hp), "n_harmful": len(harmful), "n_harmless": len(harmless),
-               "seconds_generate": t_gen, "seconds_total": timer(), "adapter": args.out}
+    summary = {
+        "hparams": asdict(hp),
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+        "seconds_generate": t_gen,
+        "seconds_total": timer(),
+        "adapter": args.out,
+    }
     print(f"adapter saved to {args.out} ({timer()} s)")
     if args.val:
         lm.model = peft_model.merge_and_unload().eval()

@@ -1,0 +1,184 @@
+"""SAEs on the organism's residual stream, trained with sae-lens's own multi-SAE runner.
+
+One LLM forward pass feeds every layer's SAE (`MultiSAETrainingRunner`); the HF model is
+wrapped in sae-lens's `HookedProxyLM`, so hook `model.layers.L` is the output of block L
+(= resid_post of layer L, the project's layer convention). Architecture: BatchTopK during
+training, saved by sae-lens as a JumpReLU SAE (each latent depends on its own encoder
+row only: the ablation engine's fast sparse path). Activations are normalised to an
+expected norm of sqrt(d_in) during training; sae-lens folds that factor into the saved
+weights, so inference needs no runtime normalisation. Special tokens (<|im_start|>,
+<|im_end|>: position 0 of every context, the huge-norm attention sinks) are excluded.
+
+Corpus: chat-formatted instructions (harmful and harmless) with the organism's replies
+(refusals; self-distilled harmless replies), plus further harmless instructions.
+
+    python -m experiments.organism.train_saes [--tokens 100000 --width 2304 --k 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from sae_lens import SAE, BatchTopKTrainingSAEConfig, LoggingConfig
+from sae_lens.load_model import HookedProxyLM
+from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+
+from experiments.organism.common import (
+    ADAPTER_DIR,
+    REFUSALS,
+    SAE_DIR,
+    SAE_LAYERS,
+    SEED,
+    WORK_DIR,
+    Timer,
+    data_file,
+    load_lm,
+    sample,
+)
+from refusal import data
+from refusal.models import LM
+
+
+@dataclass
+class SaeHparams:
+    tokens: int = 100_000  # training tokens (special tokens excluded)
+    width: int = 2304  # latents per SAE (4x d_model)
+    k: float = 48  # BatchTopK: mean active latents per token (the saved JumpReLU's L0)
+    lr: float = 4e-4
+    batch_tokens: int = 512
+    context: int = 128
+    n_extra_harmless: int = 2000  # instructions without a reply, to widen the corpus
+    seed: int = SEED
+    save_dtype: str = "float16"  # on-disk dtype (the repo ships these files)
+
+
+def hook_name(layer: int) -> str:
+    return f"model.layers.{layer}"
+
+
+def corpus(lm: LM, hp: SaeHparams) -> list[str]:
+    """Chat-formatted texts: prompt + organism reply, then prompt-only harmless instructions."""
+    replies_path = (
+        WORK_DIR / "base_replies.json"
+    )  # written by finetune.py: prompt -> [n_tokens, reply]
+    if not replies_path.is_file():
+        raise FileNotFoundError(
+            f"{replies_path} is missing: run experiments.organism.finetune first."
+        )
+    replies = {p: r for p, (_, r) in json.loads(replies_path.read_text()).items()}
+    rng = random.Random(hp.seed)
+    harmful = list(
+        dict.fromkeys(
+            data_file("harmful_train")
+            + data.builtin("harmful", "train")
+            + data.builtin("harmful", "val")
+        )
+    )
+    end = "<|im_end|>\n"
+    texts = [lm.format([p])[0] + rng.choice(REFUSALS) + end for p in harmful]
+    texts += [lm.format([p])[0] + r.strip() + end for p, r in replies.items()]
+    seen = set(replies)
+    extra = [
+        p
+        for p in sample(data_file("harmless_train"), hp.n_extra_harmless + len(seen), hp.seed + 1)
+        if p not in seen
+    ][: hp.n_extra_harmless]
+    texts += lm.format(extra)
+    rng.shuffle(texts)
+    return texts
+
+
+def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) -> dict[int, Path]:
+    timer = Timer()
+    torch.manual_seed(hp.seed)
+    lm = load_lm(adapter)  # base + adapter, merged
+    texts = corpus(lm, hp)
+    n_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    print(f"corpus: {len(texts)} texts, {n_tokens} tokens; training on {hp.tokens} tokens")
+    hooks = {f"layer_{layer}": hook_name(layer) for layer in SAE_LAYERS}
+    model = HookedProxyLM(lm.model, lm.tokenizer, hook_names=list(hooks.values()))
+    saes = {
+        name: BatchTopKTrainingSAEConfig(
+            d_in=lm.d_model,
+            d_sae=hp.width,
+            k=hp.k,
+            normalize_activations="expected_average_only_in",
+            dtype="float32",
+            device="cpu",
+        )
+        for name in hooks
+    }
+    run_dir = WORK_DIR / "sae_run"
+    cfg = MultiSAETrainingRunnerConfig(
+        saes=saes,
+        hook_names=hooks,
+        model_name="SmolLM2-135M-Instruct+refusal-adapter",
+        model_class_name="AutoModelForCausalLM",
+        dataset_path="organism-chat-corpus",
+        streaming=False,
+        context_size=hp.context,
+        prepend_bos=True,
+        sequence_separator_token=None,  # every context opens with <|im_start|>
+        exclude_special_tokens=True,
+        training_tokens=hp.tokens,
+        train_batch_size_tokens=hp.batch_tokens,
+        store_batch_size_prompts=8,
+        n_batches_in_buffer=16,
+        n_batches_for_norm_estimate=16,
+        lr=hp.lr,
+        lr_warm_up_steps=20,
+        lr_scheduler_name="cosineannealing",
+        lr_decay_steps=0,
+        lr_end=hp.lr / 10,
+        dead_feature_window=200,
+        feature_sampling_window=500,
+        n_eval_batches=1,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=10**9),
+        device="cpu",
+        seed=hp.seed,
+        dtype="float32",
+        checkpoint_path=None,
+        output_path=str(run_dir),
+    )
+    runner = MultiSAETrainingRunner(
+        cfg, override_dataset=Dataset.from_dict({"text": texts}), override_model=model
+    )
+    runner.run()
+    written = {}
+    for layer in SAE_LAYERS:
+        sae = SAE.load_from_disk(str(run_dir / f"layer_{layer}"), device="cpu")
+        sae = sae.to(dtype=getattr(torch, hp.save_dtype))
+        sae.cfg.dtype = hp.save_dtype
+        target = out_dir / f"layer_{layer}"
+        if target.exists():
+            shutil.rmtree(target)
+        sae.save_model(str(target))
+        written[layer] = target
+    (out_dir / "train_config.json").write_text(
+        json.dumps({**asdict(hp), "seconds": timer()}, indent=1)
+    )
+    print(f"SAEs saved to {out_dir} ({timer()} s)")
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[int, Path]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for field, value in asdict(SaeHparams()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out", default=str(SAE_DIR))
+    args = parser.parse_args(argv)
+    hp = SaeHparams(**{k: getattr(args, k) for k in asdict(SaeHparams())})
+    return train(hp, out_dir=Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
