@@ -77,6 +77,7 @@ def naive_flips(engine: Engine, prompt: str, features, masks, max_new_tokens: in
             out = engine.lm.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,  # the reference's cost: always N tokens
                 do_sample=False,
                 pad_token_id=engine.lm.tokenizer.pad_token_id,
             )
@@ -183,7 +184,9 @@ def run(overrides: list[str], settings: dict) -> dict:
         len(naive_masks),
     )
 
-    engine_flips = (engine.score(cache, features, naive_masks) < cfg.judge.threshold).tolist()
+    engine_flips = (
+        engine.score(cache, features, naive_masks) < cfg.judge.threshold - cfg.judge.flip_margin
+    ).tolist()
     flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {

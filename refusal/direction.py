@@ -110,10 +110,17 @@ def select(
         scores.append(
             {"layer": layer, "position": positions[p], "bypass": bypass, "induce": induce, "kl": kl}
         )
-    ok = [s for s in scores if s["kl"] < kl_max and s["induce"] > induce_min] or scores
-    best = min(ok, key=lambda s: s["bypass"])
+    best = min(_admissible(scores, kl_max, induce_min), key=lambda s: s["bypass"])
     p = positions.index(best["position"])
     return Selection(best["layer"], best["position"], directions[best["layer"], p], scores)
+
+
+def _admissible(scores: list[dict], kl_max: float, induce_min: float) -> list[dict]:
+    """Candidates passing both of Arditi et al.'s filters; where none does, those passing
+    the induce filter (the direction must carry refusal), then the KL one, then all."""
+    induces = [s for s in scores if s["induce"] > induce_min]
+    gentle = [s for s in scores if s["kl"] < kl_max]
+    return [s for s in induces if s in gentle] or induces or gentle or scores
 
 
 def candidates(

@@ -44,6 +44,12 @@ class Run:
     def threshold(self) -> float:
         return self.cfg.judge.threshold
 
+    @property
+    def flip_threshold(self) -> float:
+        """Scores below this count as compliance in the search: a margin under the refusal
+        threshold, so that greedy generation confirms the flip rather than teeter on it."""
+        return self.cfg.judge.threshold - self.cfg.judge.flip_margin
+
     def refuses(self, score: float, reply: str) -> bool:
         return score > self.threshold and self.is_refusal(reply)
 
@@ -187,7 +193,7 @@ def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) 
         "clean_score": probe.cache.score,
         "candidates": [{"feature": str(f), "cos": c} for f, c in found],
     }
-    minimal = greedy.minimal_set(probe, features, run.threshold) if features else None
+    minimal = greedy.minimal_set(probe, features, run.flip_threshold) if features else None
     result["greedy"] = (
         None
         if minimal is None
@@ -258,7 +264,7 @@ def interactions(
     readout = fm.fit(
         masks,
         scores,
-        run.threshold,
+        run.flip_threshold,
         features,
         cfg,
         run.cfg.trainer,
@@ -269,7 +275,7 @@ def interactions(
     return {
         "features": [str(f) for f in features],
         "n_masks": len(masks),
-        "flip_fraction": (scores < run.threshold).float().mean().item(),
+        "flip_fraction": (scores < run.flip_threshold).float().mean().item(),
         **asdict(readout),
     }
 
