@@ -11,6 +11,7 @@ from tests.conftest import make_cfg
 
 BASE = [
     "model=tiny_llama",
+    "judge.flip_margin=0",
     "sae=random",
     "layer=tiny",
     "data.max_eval=3",
@@ -37,7 +38,9 @@ def threshold(tmp_path_factory) -> float:
     out = tmp_path_factory.mktemp("probe")
     pipeline.run(make_cfg([*BASE, "judge.threshold=-1000"], out))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    search = next(r for r in rows if r["stage"] == "search" and r["greedy"])
+    searched = [r for r in rows if r["stage"] == "search" and r["greedy"]]
+    search = min(searched, key=lambda r: r["greedy"]["score"] - r["clean_score"])
+    assert search["greedy"]["score"] < search["clean_score"], "no candidate set lowers the score"
     return (search["clean_score"] + search["greedy"]["score"]) / 2
 
 
