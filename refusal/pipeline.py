@@ -39,6 +39,7 @@ class Run:
     prompts: data.Prompts
     out: RunDir
     tracker: Tracker
+    classifier: judge.ClassifierJudge | None = None
 
     @property
     def threshold(self) -> float:
@@ -50,10 +51,13 @@ class Run:
         threshold, so that greedy generation confirms the flip rather than teeter on it."""
         return self.cfg.judge.threshold - self.cfg.judge.flip_margin
 
-    def refuses(self, score: float, reply: str) -> bool:
-        return score > self.threshold and self.is_refusal(reply)
+    def refuses(self, instruction: str, score: float, reply: str) -> bool:
+        return score > self.threshold and self.is_refusal(instruction, reply)
 
-    def is_refusal(self, reply: str) -> bool:
+    def is_refusal(self, instruction: str, reply: str) -> bool:
+        """The generation judge: a safety classifier where configured, else refusal markers."""
+        if self.classifier is not None:
+            return not self.classifier.complies(instruction, reply)
         return judge.is_refusal(reply, self.cfg.judge.markers or judge.REFUSAL_MARKERS)
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
@@ -82,11 +86,6 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value} is not one of {list(choices)}.")
-    if cfg.judge.kind == "classifier":
-        raise ConfigError(
-            f"judge.kind=classifier ({cfg.judge.classifier}) is not available yet: "
-            "use judge=default (refusal markers)."
-        )
 
 
 def resuming(cfg: DictConfig) -> bool:
@@ -114,7 +113,15 @@ def setup(cfg: DictConfig) -> Run:
     out = RunDir(cfg.paths.output_dir)
     if not resuming(cfg) and out.read(RESULTS):
         out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
-    return Run(cfg, lm, engine, prompts, out, tracking.build(cfg))
+    return Run(cfg, lm, engine, prompts, out, tracking.build(cfg), load_classifier(cfg.judge))
+
+
+def load_classifier(cfg: DictConfig) -> judge.ClassifierJudge | None:
+    """The safety classifier of `judge=harmbench` / `judge=llamaguard`, else None."""
+    if cfg.kind != "classifier":
+        return None
+    with console.status(f"loading the classifier judge {cfg.classifier.name}"):
+        return judge.ClassifierJudge(models.load(cfg.classifier), cfg.classifier.format)
 
 
 def baseline(run: Run) -> list[dict]:
@@ -135,7 +142,7 @@ def baseline(run: Run) -> list[dict]:
                     "instruction": instruction,
                     "score": score,
                     "reply": reply,
-                    "refused": run.refuses(score, reply),
+                    "refused": run.refuses(instruction, score, reply),
                 }
             )
         )
@@ -209,7 +216,7 @@ def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) 
     )
     if minimal and minimal.flips_all:
         reply = run.reply(instruction, minimal.minimal)
-        result.update(reply_after=reply, flip_verified=not run.is_refusal(reply))
+        result.update(reply_after=reply, flip_verified=not run.is_refusal(instruction, reply))
         result["interactions"] = interactions(
             run, probe, row["prompt_id"], minimal.minimal, clean, found
         )

@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 
 from refusal import dormant, fm, greedy
 from refusal.engine import Feature
+from refusal.judge import verdict
 
 FEATURES = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
 
@@ -148,3 +149,9 @@ def test_dormant_finds_planted_backup_and_nothing_else():
     )
     assert [d.feature for d in found] == [str(Feature(2, backup))]
     assert found[0].before == 0 and found[0].after == 2.0 and found[0].effect == -1.5
+
+
+def test_classifier_verdicts():
+    assert verdict(" Yes", "harmbench") and not verdict("No.", "harmbench")
+    assert verdict("\n\nunsafe\nS2", "llamaguard") and not verdict("safe", "llamaguard")
+    assert not verdict("", "harmbench")
