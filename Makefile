@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The laptop-sized default: the first 12 built-in harmful eval prompts, every stage.
+RUN_ARGS ?= data.max_eval=12
+
 run: $(STAMP)
-	$(BIN)/python train.py $(ARGS)
+	$(BIN)/python train.py $(RUN_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
