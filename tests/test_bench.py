@@ -23,12 +23,7 @@ def test_benchmark_writes_its_figures(tmp_path):
     )
     result = json.loads(out.read_text())
     for key in (
-        "engine_evals_per_s",
-        "naive_evals_per_s",
-        "ratio_vs_naive",
-        "mfu",
-        "peak_rss_gb",
-        "flip_agreement",
+        *ablation_throughput.HEADLINE,
         "batch_size",
         "prompt_tokens",
         "device",

@@ -12,7 +12,11 @@ weights, so inference needs no runtime normalisation. Special tokens (<|im_start
 Corpus: chat-formatted instructions (harmful and harmless) with the organism's replies
 (refusals; self-distilled harmless replies), plus further harmless instructions.
 
-    python -m experiments.organism.train_saes [--tokens 100000 --width 2304 --k 48]
+The organism's forward pass is the whole CPU cost, so the runner's own activations store
+is read once (`cache_tokens`, forward stopped after the last hooked block) and the runner
+then trains for `steps` batches drawn, reshuffled each epoch, from that in-memory cache.
+
+    python -m experiments.organism.train_saes [--cache-tokens 200000 --steps 3000 --k 48]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,13 +53,16 @@ from refusal.models import LM
 
 @dataclass
 class SaeHparams:
-    tokens: int = 100_000  # training tokens (special tokens excluded)
+    cache_tokens: int = 200_000  # activations computed by the organism (special tokens excluded)
+    steps: int = 3000  # optimiser steps over the cache (several epochs)
     width: int = 2304  # latents per SAE (4x d_model)
     k: float = 48  # BatchTopK: mean active latents per token (the saved JumpReLU's L0)
-    lr: float = 4e-4
+    lr: float = 2e-3
+    warm_up: int = 100
+    dead_window: int = 100  # steps without firing before the aux loss revives a latent
     batch_tokens: int = 512
     context: int = 128
-    n_extra_harmless: int = 2000  # instructions without a reply, to widen the corpus
+    n_extra_harmless: int = 6000  # instructions without a reply: more variety at no extra cost
     seed: int = SEED
     save_dtype: str = "float16"  # on-disk dtype (the repo ships these files)
 
@@ -95,13 +103,44 @@ def corpus(lm: LM, hp: SaeHparams) -> list[str]:
     return texts
 
 
+def cache_activations(runner: MultiSAETrainingRunner, hp: SaeHparams) -> dict[str, torch.Tensor]:
+    """Read `cache_tokens` activations per hook from the runner's own store (one LLM pass)."""
+    loader = runner.activations_store.get_multi_hook_data_loader()
+    batches = [next(loader) for _ in range(hp.cache_tokens // hp.batch_tokens)]
+    return {hook: torch.cat([b[hook] for b in batches]) for hook in batches[0]}
+
+
+def epochs(
+    cache: dict[str, torch.Tensor], batch_tokens: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches over the cache, in a new seeded order each epoch (same rows per hook)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = next(iter(cache.values())).shape[0]
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_tokens + 1, batch_tokens):
+            idx = order[start : start + batch_tokens]
+            yield {hook: acts[idx] for hook, acts in cache.items()}
+
+
+def truncated(lm: LM, n_layers: int) -> LM:
+    """Drop the blocks after the last hooked one: their output is never read while caching."""
+    lm.model.model.layers = lm.model.model.layers[:n_layers]
+    return lm
+
+
 def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) -> dict[int, Path]:
     timer = Timer()
     torch.manual_seed(hp.seed)
-    lm = load_lm(adapter)  # base + adapter, merged
+    lm = truncated(load_lm(adapter), max(SAE_LAYERS) + 1)  # base + adapter, merged
     texts = corpus(lm, hp)
     n_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    print(f"corpus: {len(texts)} texts, {n_tokens} tokens; training on {hp.tokens} tokens")
+    if n_tokens < hp.cache_tokens:
+        raise ValueError(
+            f"corpus has {n_tokens} tokens < cache_tokens={hp.cache_tokens}: "
+            "raise n_extra_harmless or lower cache_tokens (the store would repeat texts)."
+        )
+    print(f"corpus: {len(texts)} texts, {n_tokens} tokens; caching {hp.cache_tokens} tokens")
     hooks = {f"layer_{layer}": hook_name(layer) for layer in SAE_LAYERS}
     model = HookedProxyLM(lm.model, lm.tokenizer, hook_names=list(hooks.values()))
     saes = {
@@ -127,17 +166,17 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
         prepend_bos=True,
         sequence_separator_token=None,  # every context opens with <|im_start|>
         exclude_special_tokens=True,
-        training_tokens=hp.tokens,
+        training_tokens=hp.steps * hp.batch_tokens,
         train_batch_size_tokens=hp.batch_tokens,
         store_batch_size_prompts=8,
         n_batches_in_buffer=16,
         n_batches_for_norm_estimate=16,
         lr=hp.lr,
-        lr_warm_up_steps=20,
+        lr_warm_up_steps=hp.warm_up,
         lr_scheduler_name="cosineannealing",
         lr_decay_steps=0,
         lr_end=hp.lr / 10,
-        dead_feature_window=200,
+        dead_feature_window=hp.dead_window,
         feature_sampling_window=500,
         n_eval_batches=1,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=10**9),
@@ -149,6 +188,11 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
     )
     runner = MultiSAETrainingRunner(
         cfg, override_dataset=Dataset.from_dict({"text": texts}), override_model=model
+    )
+    cache = cache_activations(runner, hp)
+    print(f"cached {hp.cache_tokens} tokens x {len(cache)} hooks ({timer()} s)")
+    runner.activations_store.get_multi_hook_data_loader = lambda: epochs(
+        cache, hp.batch_tokens, hp.seed
     )
     runner.run()
     written = {}
