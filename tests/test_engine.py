@@ -110,3 +110,16 @@ def test_generation_edit_matches_scoring_edit(tiny_llama):
     with engine._hooked(edit, prompt_only=True):
         hooked = refusal_score(tiny_llama.model(**batch).logits[:, -1], engine.refusal_ids)
     torch.testing.assert_close(hooked, engine.score(cache, features, torch.ones(1, len(features))))
+
+
+def test_nan_in_activations_names_the_layer():
+    from refusal import models
+    from refusal.errors import NumericsError
+    from tests.conftest import make_cfg
+
+    lm = models.load(make_cfg(["model=tiny_llama"]).model, seed=0)
+    with torch.no_grad():
+        lm.blocks[2].mlp.down_proj.weight.fill_(float("nan"))
+    engine = tiny_engine(lm, layers=(1, 3))
+    with pytest.raises(NumericsError, match="at layer 2.*float32"):
+        engine.prepare(PROMPT)
