@@ -38,9 +38,13 @@ def find(
     min_activation: float,
     max_candidates: int,
     margin: float,
+    clean: dict[int, torch.Tensor] | None = None,
 ) -> list[Dormant]:
-    """Dormant latents at each SAE layer after the first layer M touches; checked causally."""
-    clean = probe.latents()
+    """Dormant latents at each SAE layer after the first layer M touches; checked causally.
+
+    `clean`: the prompt's latents without ablation, when the caller already has them.
+    """
+    clean = probe.latents() if clean is None else clean
     found = []
     for layer in sorted(layers):
         earlier = [f for f in minimal if f.layer < layer]

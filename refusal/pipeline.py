@@ -229,6 +229,7 @@ def search_prompt(run: Run, row: dict, directions: torch.Tensor, position: int) 
                 cfg.dormant.min_activation,
                 cfg.dormant.max_candidates,
                 cfg.dormant.margin,
+                clean,
             )
         ]
         result["harmless_kl"] = harmless_kl(run, minimal.minimal)
