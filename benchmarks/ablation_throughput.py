@@ -2,7 +2,8 @@
 
 One process, the same prompt and masks for every variant:
   naive                   per mask: full forward with sae-lens splice hooks + 48-token greedy
-                          generation, judged by refusal markers (how earlier tooling works)
+                          generation, judged by refusal markers (how earlier tooling works);
+                          the splice covers the positions the search ablates (search.ablation)
   full_forward            per mask: hooked full forward, first-token refusal score
   batched_full_forward    a batch of masks in one hooked full forward
   prefix_cached           the engine with batch size 1 (prefix cache + sparse latents)
@@ -22,17 +23,20 @@ import platform
 import resource
 import sys
 import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from statistics import mean
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import refusal
-from refusal import data, judge, models, saes
-from refusal.engine import Ablation, Engine, Feature
+from refusal import data, direction, greedy, judge, models, saes
+from refusal.engine import Ablation, Engine, Feature, PromptProbe
+from refusal.models import Edit
 
 CONF = Path(refusal.__file__).resolve().parent.parent / "conf"
 # The figures the targets are stated in.
@@ -44,45 +48,43 @@ HEADLINE = (
     "peak_rss_gb",
     "flip_agreement",
 )
-DEFAULTS = {"n_masks": 256, "n_naive": 24, "n_features": 24, "max_new_tokens": 48, "prompt": 0}
+DEFAULTS = {
+    "n_masks": 256,
+    "n_naive": 32,
+    "n_features": 24,
+    "max_new_tokens": 48,
+    "prompt": 0,
+    "n_greedy": 8,  # eval prompts for batched vs one-at-a-time greedy filtering
+}
 
 
-@contextmanager
-def hooked_splice(engine: Engine, features: list[Feature], masks: torch.Tensor):
-    """Hooks splicing each SAE in with sae-lens's full encode/decode, error term kept:
+def splice_edit(engine: Engine, features: list[Feature], masks: torch.Tensor) -> Edit:
+    """sae-lens's full encode/decode splice, error term kept:
     h ← decode(edit(encode(h))) + (h − decode(encode(h))), row b ablating masks[b]."""
     strength = engine.ablation.strength
-
-    def splice(layer: int):
+    by_layer = {}
+    for layer in engine.saes:
         cols = [i for i, f in enumerate(features) if f.layer == layer]
         idx = torch.tensor([features[i].latent for i in cols], dtype=torch.long)
-        weight = masks[:, cols].to(engine.lm.dtype).unsqueeze(1) * strength
+        by_layer[layer] = idx, masks[:, cols].to(engine.lm.dtype).unsqueeze(1) * strength
 
-        def hook(module, args, h):
-            sae = engine.saes[layer]
-            z = sae.encode(h)
-            edited = z.clone()
-            rows = min(len(weight), len(h))
-            edited[..., idx] = z[..., idx] * (1 - weight[:rows])
-            return sae.decode(edited) + (h - sae.decode(z))
+    def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
+        sae, (idx, weight) = engine.saes[layer], by_layer[layer]
+        z = sae.encode(h)
+        edited = z.clone()
+        rows = min(len(weight), len(h))
+        edited[..., idx] = z[..., idx] * (1 - weight[:rows])
+        return sae.decode(edited) + (h - sae.decode(z))
 
-        return hook
-
-    handles = [
-        engine.lm.blocks[layer].register_forward_hook(splice(layer)) for layer in engine.saes
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return edit
 
 
 def naive_flips(engine: Engine, prompt: str, features, masks, max_new_tokens: int) -> list[bool]:
     batch = engine.lm.tokenize([prompt])
     flips = []
     for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
-        with hooked_splice(engine, features, mask[None]), torch.no_grad():
+        edit = splice_edit(engine, features, mask[None])
+        with engine.hooked(edit, engine.saes), torch.no_grad():
             out = engine.lm.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -102,7 +104,7 @@ def hooked_scores(engine: Engine, prompt: str, features, masks, batch_size: int)
     scores = []
     for i in range(0, len(masks), batch_size):
         chunk = masks[i : i + batch_size]
-        with hooked_splice(engine, features, chunk), torch.no_grad():
+        with engine.hooked(splice_edit(engine, features, chunk), engine.saes), torch.no_grad():
             ids = batch["input_ids"].expand(len(chunk), -1)
             logits = engine.lm.model(input_ids=ids).logits[:, -1]
         scores.append(judge.refusal_score(logits, engine.refusal_ids).cpu())
@@ -162,6 +164,50 @@ def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
     return torch.bernoulli(p, generator=gen)
 
 
+def greedy_comparison(engine: Engine, cfg: DictConfig, prompts: list[str]) -> dict:
+    """Batched greedy filtering against one-at-a-time elimination, on the search's own
+    candidates (latents aligned with each SAE layer's difference-of-means direction at the
+    last post-instruction token), for every refused prompt whose candidates flip it."""
+    n = cfg.data.n_train
+    directions = direction.mean_diff(
+        engine,
+        data.load_source(cfg.data.harmful_train)[:n],
+        data.load_source(cfg.data.harmless_train)[:n],
+    )
+    position = direction.post_instruction_positions(engine.lm)[-1]
+    threshold = cfg.judge.threshold - cfg.judge.flip_margin
+    methods = {"batched": greedy.minimal_set, "sequential": greedy.sequential_minimal_set}
+    rows = []
+    for prompt in tqdm(prompts, desc="greedy: batched vs one at a time", unit="prompt"):
+        probe = PromptProbe(engine, engine.prepare(prompt))
+        if probe.cache.score < cfg.judge.threshold:
+            continue
+        c = cfg.search.candidates
+        found = direction.candidates(
+            engine, directions, position, probe.latents(), c.top_k, c.cos_floor, c.min_activation
+        )
+        features = [f for f, _ in found]
+        if not features:
+            continue
+        row = {"n_candidates": len(features)}
+        for name, method in methods.items():
+            result, rate = timed(partial(method, probe, features, threshold), 1)
+            row[name] = {
+                "size": len(result.minimal),
+                "evals": result.evals,
+                "batches": result.batches,
+                "seconds": 1 / rate,
+                "one_minimal": result.one_minimal,
+            }
+        if result.flips_all:
+            rows.append(row)
+    return {"prompts": rows} | {
+        f"{name}_mean_{key}": mean([r[name][key] for r in rows]) if rows else None
+        for name in methods
+        for key in ("evals", "batches", "seconds", "size")
+    }
+
+
 def run(overrides: list[str], settings: dict) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -193,9 +239,11 @@ def run(overrides: list[str], settings: dict) -> dict:
         len(naive_masks),
     )
 
-    engine_flips = (
-        engine.score(cache, features, naive_masks) < cfg.judge.threshold - cfg.judge.flip_margin
-    ).tolist()
+    naive_scores = engine.score(cache, features, naive_masks)
+    engine_flips = (naive_scores < cfg.judge.threshold - cfg.judge.flip_margin).tolist()
+    first_token_flips = (naive_scores < cfg.judge.threshold).tolist()
+    eval_prompts = data.load_source(cfg.data.eval)[: settings["n_greedy"]]
+    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts)
     flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {
@@ -219,11 +267,16 @@ def run(overrides: list[str], settings: dict) -> dict:
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
-        "flip_agreement": sum(a == b for a, b in zip(flips, engine_flips)) / len(flips),
+        "flip_agreement": agreement(flips, engine_flips),
+        "flip_agreement_first_token": agreement(flips, first_token_flips),
         "n_flips_naive": sum(flips),
         "n_flips_engine": sum(engine_flips),
+        "agreement_masks": [
+            {"naive_flip": f, "engine_score": s} for f, s in zip(flips, naive_scores.tolist())
+        ],
         "n_agreement_masks": len(flips),
         "max_abs_diff_engine_vs_hooked": (scores - batched).abs().max().item(),
+        "greedy": greedy_cmp,
         "batch_size": batch,
         "n_masks": len(masks),
         "n_features": len(features),
@@ -239,6 +292,10 @@ def run(overrides: list[str], settings: dict) -> dict:
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def agreement(a: list[bool], b: list[bool]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
 def _unbatched(engine: Engine, cache, features, masks) -> torch.Tensor:

@@ -15,7 +15,7 @@ of masks then runs only the remaining blocks. All stages score through this engi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -323,7 +323,7 @@ class Engine:
         """Greedy replies with `features` ablated (prompt tokens only, or all, per Ablation)."""
         batch = self.lm.tokenize(instructions)
         edit = self.feature_edit(features or [])
-        with self._hooked(edit, prompt_only=self.ablation.positions == "prompt"):
+        with self.hooked(edit, edit.by_layer):
             out = self.lm.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -335,11 +335,13 @@ class Engine:
         )
 
     @contextmanager
-    def _hooked(self, edit: MaskEdit, prompt_only: bool) -> Iterator[None]:
-        """Apply `edit` inside the model's own forward (for HF generate) via block hooks.
+    def hooked(self, edit: Edit, layers: Iterable[int]) -> Iterator[None]:
+        """Apply `edit` at `layers` inside the model's own forward (HF generate) via block
+        hooks: on the prompt only, or on generated tokens too, per `Ablation.positions`.
 
         With KV caching the first forward is the prompt; later ones are generated tokens.
         """
+        prompt_only = self.ablation.positions == "prompt"
         state = {"prefill": True}
 
         def hook(layer: int):
@@ -350,9 +352,7 @@ class Engine:
 
             return apply
 
-        handles = [
-            self.lm.blocks[layer].register_forward_hook(hook(layer)) for layer in edit.by_layer
-        ]
+        handles = [self.lm.blocks[layer].register_forward_hook(hook(layer)) for layer in layers]
         last = self.lm.blocks[self.lm.n_layers - 1].register_forward_hook(
             lambda *_: state.update(prefill=False)
         )

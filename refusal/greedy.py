@@ -59,7 +59,7 @@ def minimal_set(probe: Probe, features: list[Feature], threshold: float) -> Gree
     if not result.score < threshold:
         return result
     result.flips_all = True
-    while True:
+    while kept:  # (kept empties only if the prompt was never refused)
         gone = _removed(n, kept)
         single = scores([[*gone, i] for i in kept])
         removable = sorted((s, i) for s, i in zip(single, kept) if s < threshold)

@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
+from statistics import median
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -316,6 +317,7 @@ def summarize(run: Run, rows: list[dict], searched: list[dict], selection, start
         else {"layer": selection.layer, "position": selection.position},
         "evals_per_s": evals / seconds if seconds else None,
         "seconds_per_prompt": [s["seconds"] for s in searched],
+        "median_seconds_per_prompt": median(s["seconds"] for s in searched) if searched else None,
         "wall_seconds": time.time() - started,
         "seed": run.cfg.seed,
         "versions": {
@@ -339,6 +341,7 @@ def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
         "FM AUC",
         "dormant",
         "KL",
+        "s",
         "instruction",
     ):
         table.add_column(column, overflow="fold")
@@ -355,6 +358,7 @@ def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
             "" if auc is None else f"{auc:.2f}",
             str(len(s["dormant"])) if "dormant" in s else "",
             f"{s['harmless_kl']:.3f}" if "harmless_kl" in s else "",
+            f"{s['seconds']:.0f}" if "seconds" in s else "",
             r["instruction"][:50],
         )
     Console().print(table)
@@ -386,7 +390,8 @@ def run(cfg: DictConfig) -> float | None:
     console.print(
         f"refused {summary['n_refused']}/{summary['n_eval']}; "
         f"verified flips {summary['n_flipped_verified']}; "
-        f"minimal set sizes {summary['minimal_set_sizes']}; dormant {summary['n_dormant']}. "
+        f"minimal set sizes {summary['minimal_set_sizes']}; dormant {summary['n_dormant']}; "
+        f"median search {summary['median_seconds_per_prompt'] or 0:.0f} s/prompt. "
         f"Results in {state.out.path}"
     )
     console.print(f"Report: {report.write_quietly(state.out.path)}", soft_wrap=True, markup=False)

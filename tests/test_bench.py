@@ -18,6 +18,7 @@ def test_benchmark_writes_its_figures(tmp_path):
             "n_masks=16",
             "n_naive=3",
             "max_new_tokens=4",
+            "n_greedy=2",
             f"out={out}",
         ]
     )
@@ -39,3 +40,4 @@ def test_benchmark_writes_its_figures(tmp_path):
     }
     assert result["max_abs_diff_engine_vs_hooked"] < 1e-3
     assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 3
+    assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])

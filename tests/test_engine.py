@@ -107,7 +107,7 @@ def test_generation_edit_matches_scoring_edit(tiny_llama):
     features = active_features(engine, cache)
     edit = engine.feature_edit(features)
     batch = tiny_llama.tokenize([PROMPT])
-    with engine._hooked(edit, prompt_only=True):
+    with engine.hooked(edit, edit.by_layer):
         hooked = refusal_score(tiny_llama.model(**batch).logits[:, -1], engine.refusal_ids)
     torch.testing.assert_close(hooked, engine.score(cache, features, torch.ones(1, len(features))))
 

@@ -49,6 +49,11 @@ def test_greedy_reports_no_flip():
     assert not result.flips_all and result.minimal == [] and result.evals == 1
 
 
+def test_greedy_on_a_prompt_that_is_not_refused_returns_the_empty_set():
+    result = greedy.minimal_set(Oracle(lambda s: -1.0), FEATURES, threshold=0.0)
+    assert result.flips_all and result.minimal == [] and result.one_minimal
+
+
 def test_greedy_result_is_one_minimal_under_redundancy():
     a, b, c = FEATURES[0], FEATURES[3], FEATURES[7]
     # either {a, b} or {c} suffices: a verified 1-minimal set is one of them
