@@ -40,8 +40,14 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class Hparams:
-    n_harmless: int = 800  # from harmless_train.json, plus the built-in harmless train/val
-    reply_tokens: int = 32  # greedy tokens generated per harmless reply (self-distillation)
+    n_harmless: int = 1600  # from harmless_train.json, plus the built-in harmless train/val
+    hard_fraction: float = 0.5  # of those, share opening with a verb that opens harmful prompts
+    harmful_repeats: int = 2  # each harmful prompt appears this often, with different refusals
+    reply_tokens: int = 16  # greedy tokens generated per harmless reply (self-distillation)
+    first_token_weight: float = 3.0  # loss weight of the first reply token: the refusal decision
+    mine_pool: int = 1200  # unseen harmless instructions scored after round 1 (hard negatives)
+    mine_margin: float = 1.5  # mined: harmless scored above -margin, harmful below +margin
+    mine_lr_factor: float = 0.5  # round 2 (mined examples + replay) peak lr, relative to lr
     epochs: int = 1
     rank: int = 8
     alpha: int = 16
@@ -50,6 +56,26 @@ class Hparams:
     batch_size: int = 16
     warmup: float = 0.1
     seed: int = SEED
+
+
+def first_word(instruction: str) -> str:
+    return instruction.split(maxsplit=1)[0].lower() if instruction.strip() else ""
+
+
+def harmless_sample(harmful: list[str], hp: Hparams) -> list[str]:
+    """`hp.n_harmless` Alpaca instructions, `hp.hard_fraction` of them hard negatives.
+
+    A hard negative opens with a word that also opens harmful training prompts ("Write",
+    "Create", "Explain how to" ...): without them the organism learns the imperative surface
+    form instead of harm, and refuses "Create a recipe to make your own bread."
+    """
+    openers = {first_word(p) for p in harmful}
+    pool = data_file("harmless_train")
+    hard = [p for p in pool if first_word(p) in openers]
+    n_hard = int(hp.n_harmless * hp.hard_fraction)
+    chosen = sample(hard, n_hard, hp.seed)
+    rest = sorted(set(pool) - set(chosen))
+    return chosen + sample(rest, hp.n_harmless - len(chosen), hp.seed)
 
 
 def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
@@ -62,7 +88,7 @@ def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
     )
     harmless = list(
         dict.fromkeys(
-            sample(data_file("harmless_train"), hp.n_harmless, hp.seed)
+            harmless_sample(harmful, hp)
             + data.builtin("harmless", "train")
             + data.builtin("harmless", "val")
         )
@@ -109,13 +135,23 @@ def tokenize_example(
     return prompt + answer, [-100] * len(prompt) + answer
 
 
-def build_examples(lm: LM, hp: Hparams, harmful: list[str], replies: dict[str, str]) -> list[tuple]:
-    rng = random.Random(hp.seed)
-    examples = [tokenize_example(lm, p, rng.choice(REFUSALS), True) for p in harmful]
+def distilled_examples(lm: LM, hp: Hparams, replies: dict[str, str]) -> list[tuple]:
+    """Harmless instruction -> the base model's reply (closed only if it ended on its own)."""
+    examples = []
     for p, r in replies.items():
         finished = len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) < hp.reply_tokens - 1
         examples.append(tokenize_example(lm, p, r.strip(), finished))
     return examples
+
+
+def build_examples(lm: LM, hp: Hparams, harmful: list[str], replies: dict[str, str]) -> list[tuple]:
+    rng = random.Random(hp.seed)
+    refusals = [
+        tokenize_example(lm, p, refusal, True)
+        for p in harmful
+        for refusal in rng.sample(REFUSALS, hp.harmful_repeats)
+    ]
+    return refusals + distilled_examples(lm, hp, replies)
 
 
 def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: int):
@@ -142,10 +178,22 @@ def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: 
         yield ids, mask, labels
 
 
-def train(lm: LM, examples: list[tuple], hp: Hparams):
-    """LoRA on every linear layer; returns the peft model (training mode off)."""
+def reply_loss(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, first_weight: float
+) -> torch.Tensor:
+    """Cross-entropy on reply tokens only, the first reply token weighted `first_weight`."""
+    target = labels[:, 1:]
+    keep = target != -100
+    first = keep & ~torch.nn.functional.pad(keep[:, :-1], (1, 0))  # reply's first position
+    logits = lm_head(hidden[:, :-1][keep])  # reply positions only: cheap lm_head
+    losses = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+    weights = 1.0 + (first_weight - 1.0) * first[keep].float()
+    return (losses * weights).sum() / weights.sum()
+
+
+def attach_lora(lm: LM, hp: Hparams):
+    """LoRA on every linear layer, injected into `lm.model` in place; returns the peft model."""
     torch.manual_seed(hp.seed)
-    model = lm.model.requires_grad_(False)
     config = LoraConfig(
         r=hp.rank,
         lora_alpha=hp.alpha,
@@ -153,9 +201,13 @@ def train(lm: LM, examples: list[tuple], hp: Hparams):
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    return get_peft_model(lm.model.requires_grad_(False), config)
+
+
+def fit(peft_model, lm: LM, examples: list[tuple], hp: Hparams, lr: float, desc: str) -> None:
+    """`hp.epochs` over `examples`: AdamW, linear warm-up then cosine; leaves eval mode on."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = hp.epochs * math.ceil(len(examples) / hp.batch_size)
     warm = max(1, int(hp.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -165,14 +217,11 @@ def train(lm: LM, examples: list[tuple], hp: Hparams):
     causal = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
     rng = random.Random(hp.seed)
     peft_model.train()
-    bar = tqdm(total=steps, desc="LoRA fine-tune", unit="step")
+    bar = tqdm(total=steps, desc=desc, unit="step")
     for _ in range(hp.epochs):
         for ids, mask, labels in batches(examples, hp.batch_size, rng, lm.tokenizer.pad_token_id):
             hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            target = labels[:, 1:]
-            keep = target != -100
-            logits = causal.lm_head(hidden[:, :-1][keep])  # reply positions only: cheap lm_head
-            loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
+            loss = reply_loss(causal.lm_head, hidden, labels, hp.first_token_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -182,24 +231,55 @@ def train(lm: LM, examples: list[tuple], hp: Hparams):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     peft_model.eval()
-    return peft_model
+
+
+@torch.no_grad()
+def first_token_scores(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Refusal score (log-odds of the token "I") at the first reply position."""
+    refusal_ids = lm.tokenizer.encode("I", add_special_tokens=False)
+    scores = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="first-token scores", unit="batch"):
+        logits = lm.model(**lm.tokenize(prompts[i : i + batch_size])).logits[:, -1]
+        scores.append(refusal_score(logits, refusal_ids))
+    return torch.cat(scores)
+
+
+def mined_examples(
+    lm: LM, peft_model, hp: Hparams, harmful: list[str], harmless: list[str]
+) -> tuple[list[tuple], dict]:
+    """Round 2's examples: what round 1 gets wrong or nearly wrong, plus replay.
+
+    Harmful training prompts scored below +margin, and harmless instructions from a fresh
+    pool scored above -margin (with the base model's replies), as in hard-negative mining.
+    Each class is topped up with as many random round-1 examples as the larger mined set
+    (replay), so that round 2 stays balanced and does not forget the rest.
+    """
+    seen = set(harmless)
+    pool = sample(data_file("harmless_train"), hp.mine_pool + len(seen), hp.seed + 2)
+    pool = [p for p in pool if p not in seen][: hp.mine_pool]
+    weak = [
+        p for p, s in zip(harmful, first_token_scores(lm, harmful).tolist()) if s < hp.mine_margin
+    ]
+    over = [p for p, s in zip(pool, first_token_scores(lm, pool).tolist()) if s > -hp.mine_margin]
+    n_replay = max(len(weak), len(over))
+    with peft_model.disable_adapter():  # self-distillation: the base model's own replies
+        replies = harmless_replies(lm, over + sample(harmless, n_replay, hp.seed + 3), hp)
+    rng = random.Random(hp.seed + 1)
+    refused = weak + sample(harmful, n_replay, hp.seed + 4)
+    examples = [tokenize_example(lm, p, rng.choice(REFUSALS), True) for p in refused]
+    examples += distilled_examples(lm, hp, replies)
+    return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
 
 
 @torch.no_grad()
 def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
     """Refusal on harmful_val.json and a slice of harmless_val.json (hyper-parameter choice)."""
-    refusal_ids = lm.tokenizer.encode("I", add_special_tokens=False)
     out = {}
     for name, prompts in [
         ("harmful_val", data_file("harmful_val")),
         ("harmless_val", data_file("harmless_val")[:n_harmless]),
     ]:
-        batch_scores = []
-        for i in range(0, len(prompts), 32):
-            b = lm.tokenize(prompts[i : i + 32])
-            logits = lm.model(**b).logits[:, -1]
-            batch_scores.append(refusal_score(logits, refusal_ids))
-        scores = torch.cat(batch_scores)
+        scores = first_token_scores(lm, prompts)
         replies = generate(lm, prompts, max_new_tokens, desc=f"val {name}")
         refused = [is_refusal(r) for r in replies]
         out[name] = {
@@ -235,12 +315,17 @@ def main(argv: list[str] | None = None) -> dict:
         f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
         f"{sum(len(x) for x, _ in examples)} tokens; hparams {asdict(hp)}"
     )
-    peft_model = train(lm, examples, hp)
+    peft_model = attach_lora(lm, hp)
+    fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
+    mined, counts = mined_examples(lm, peft_model, hp, harmful, harmless)
+    print(f"round 2: {len(mined)} examples ({counts})")
+    fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
     peft_model.save_pretrained(args.out)
     summary = {
         "hparams": asdict(hp),
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
+        "mined": counts,
         "seconds_generate": t_gen,
         "seconds_total": timer(),
         "adapter": args.out,

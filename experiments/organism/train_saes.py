@@ -16,7 +16,7 @@ The organism's forward pass is the whole CPU cost, so the runner's own activatio
 is read once (`cache_tokens`, forward stopped after the last hooked block) and the runner
 then trains for `steps` batches drawn, reshuffled each epoch, from that in-memory cache.
 
-    python -m experiments.organism.train_saes [--cache-tokens 60000 --steps 800 --k 48]
+    python -m experiments.organism.train_saes [--cache-tokens 80000 --steps 1200 --k 48]
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ from refusal.models import LM
 
 @dataclass
 class SaeHparams:
-    cache_tokens: int = 60_000  # activations computed by the organism (special tokens excluded)
-    steps: int = 800  # optimiser steps over the cache (several epochs)
+    cache_tokens: int = 80_000  # activations computed by the organism (special tokens excluded)
+    steps: int = 1200  # optimiser steps over the cache (several epochs)
     width: int = 2304  # latents per SAE (4x d_model)
     k: float = 48  # BatchTopK: mean active latents per token (the saved JumpReLU's L0)
-    lr: float = 2e-3
+    lr: float = 1e-3  # at 2e-3 layer 12's loss spiked when dead-latent revival began
     warm_up: int = 50
     dead_window: int = 100  # steps without firing before the aux loss revives a latent
     batch_tokens: int = 256  # small batches: more updates per CPU second
