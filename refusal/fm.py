@@ -110,12 +110,22 @@ class MaskDataModule(L.LightningDataModule):
 
 
 def sample_masks(
-    n_masks: int, n_minimal: int, n_extra: int, p_minimal: float, p_extra: float, seed: int
+    n_masks: int,
+    n_minimal: int,
+    n_extra: int,
+    p_minimal: float | None,
+    p_extra: float,
+    seed: int,
 ) -> torch.Tensor:
     """Bernoulli masks: minimal-set features with p_minimal, extra features with p_extra.
 
+    p_minimal=None ablates the whole minimal set in half the masks (p = 0.5^(1/|M|)): a flip
+    usually needs all of a 1-minimal set, so a fixed p = 0.5 would leave a set of six with
+    one flipping mask in 64 and a held-out split with hardly any positives.
     Row 0 ablates exactly the minimal set and row 1 nothing, so both outcomes appear.
     """
+    if p_minimal is None:
+        p_minimal = 0.5 ** (1 / max(n_minimal, 1))
     gen = torch.Generator().manual_seed(seed)
     p = torch.tensor([p_minimal] * n_minimal + [p_extra] * n_extra)
     masks = torch.bernoulli(p.expand(n_masks, -1), generator=gen)

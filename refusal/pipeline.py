@@ -344,7 +344,8 @@ def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
         "s",
         "instruction",
     ):
-        table.add_column(column, overflow="fold")
+        wide = column == "instruction"
+        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=48 if wide else None)
     for r in rows:
         s = searched.get(r["prompt_id"], {})
         g = s.get("greedy") or {}
@@ -357,11 +358,11 @@ def print_table(rows: list[dict], searched: dict[int, dict]) -> None:
             "yes" if s.get("flip_verified") else "",
             "" if auc is None else f"{auc:.2f}",
             str(len(s["dormant"])) if "dormant" in s else "",
-            f"{s['harmless_kl']:.3f}" if "harmless_kl" in s else "",
+            f"{s['harmless_kl']:.2f}" if "harmless_kl" in s else "",
             f"{s['seconds']:.0f}" if "seconds" in s else "",
             r["instruction"][:50],
         )
-    Console().print(table)
+    Console(width=max(console.width, 120)).print(table)  # one line per prompt, even in logs
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -160,3 +160,10 @@ def test_classifier_verdicts():
     assert verdict(" Yes", "harmbench") and not verdict("No.", "harmbench")
     assert verdict("\n\nunsafe\nS2", "llamaguard") and not verdict("safe", "llamaguard")
     assert not verdict("", "harmbench")
+
+
+def test_default_mask_sampler_ablates_the_whole_minimal_set_in_half_the_masks():
+    masks = fm.sample_masks(4000, 6, 3, None, 0.3, seed=0)
+    whole = masks[:, :6].all(dim=1).float().mean().item()
+    assert abs(whole - 0.5) < 0.03
+    assert abs(masks[:, 6:].mean().item() - 0.3) < 0.03
