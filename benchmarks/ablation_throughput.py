@@ -9,7 +9,10 @@ One process, the same prompt and masks for every variant:
   prefix_cached           the engine with batch size 1 (prefix cache + sparse latents)
   engine                  the engine: prefix cache, sparse latents, batched masks
 plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
-the FLOPs of the layers actually run) and peak memory. Writes outputs/bench.json.
+the FLOPs of the layers actually run) and peak memory; the flip agreement of engine and naive
+on the masks the search itself scores (the FM's sampler around the prompt's minimal set); and
+batched greedy filtering against one-at-a-time elimination on the first `n_greedy` eval
+prompts. Writes outputs/bench.json.
 
     python benchmarks/ablation_throughput.py                          # the organism
     python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
@@ -34,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import refusal
-from refusal import data, direction, greedy, judge, models, saes
+from refusal import data, direction, fm, greedy, judge, models, saes
 from refusal.engine import Ablation, Engine, Feature, PromptProbe
 from refusal.models import Edit
 
@@ -164,30 +167,40 @@ def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
     return torch.bernoulli(p, generator=gen)
 
 
-def greedy_comparison(engine: Engine, cfg: DictConfig, prompts: list[str]) -> dict:
-    """Batched greedy filtering against one-at-a-time elimination, on the search's own
-    candidates (latents aligned with each SAE layer's difference-of-means direction at the
-    last post-instruction token), for every refused prompt whose candidates flip it."""
+def refusal_directions(engine: Engine, cfg: DictConfig) -> torch.Tensor:
     n = cfg.data.n_train
-    directions = direction.mean_diff(
+    return direction.mean_diff(
         engine,
         data.load_source(cfg.data.harmful_train)[:n],
         data.load_source(cfg.data.harmless_train)[:n],
     )
+
+
+def candidates(
+    engine: Engine, cfg: DictConfig, prompt: str, directions: torch.Tensor
+) -> tuple[PromptProbe, list[Feature]]:
+    """The search's candidates for a prompt: latents aligned with each SAE layer's
+    difference-of-means direction at the last post-instruction token, active on the prompt."""
+    probe = PromptProbe(engine, engine.prepare(prompt))
     position = direction.post_instruction_positions(engine.lm)[-1]
+    c = cfg.search.candidates
+    found = direction.candidates(
+        engine, directions, position, probe.latents(), c.top_k, c.cos_floor, c.min_activation
+    )
+    return probe, [f for f, _ in found]
+
+
+def greedy_comparison(
+    engine: Engine, cfg: DictConfig, prompts: list[str], directions: torch.Tensor
+) -> dict:
+    """Batched greedy filtering against one-at-a-time elimination, on the search's own
+    candidates, for every refused prompt whose candidates flip it."""
     threshold = cfg.judge.threshold - cfg.judge.flip_margin
     methods = {"batched": greedy.minimal_set, "sequential": greedy.sequential_minimal_set}
     rows = []
     for prompt in tqdm(prompts, desc="greedy: batched vs one at a time", unit="prompt"):
-        probe = PromptProbe(engine, engine.prepare(prompt))
-        if probe.cache.score < cfg.judge.threshold:
-            continue
-        c = cfg.search.candidates
-        found = direction.candidates(
-            engine, directions, position, probe.latents(), c.top_k, c.cos_floor, c.min_activation
-        )
-        features = [f for f, _ in found]
-        if not features:
+        probe, features = candidates(engine, cfg, prompt, directions)
+        if probe.cache.score < cfg.judge.threshold or not features:
             continue
         row = {"n_candidates": len(features)}
         for name, method in methods.items():
@@ -205,6 +218,36 @@ def greedy_comparison(engine: Engine, cfg: DictConfig, prompts: list[str]) -> di
         f"{name}_mean_{key}": mean([r[name][key] for r in rows]) if rows else None
         for name in methods
         for key in ("evals", "batches", "seconds", "size")
+    }
+
+
+def flip_agreement(
+    engine: Engine, cfg: DictConfig, prompt: str, directions: torch.Tensor, settings: dict
+) -> dict:
+    """Engine against naive on the flip decisions the search takes: the FM's own masks
+    (its sampler over the prompt's minimal set and extra features)."""
+    probe, found = candidates(engine, cfg, prompt, directions)
+    threshold = cfg.judge.threshold - cfg.judge.flip_margin
+    minimal = greedy.minimal_set(probe, found, threshold).minimal
+    c = cfg.search.fm
+    extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
+    masks = fm.sample_masks(
+        settings["n_naive"], len(minimal), len(extra), c.p_minimal, c.p_extra, cfg.seed
+    )
+    features = minimal + extra
+    naive = naive_flips(engine, prompt, features, masks, settings["max_new_tokens"])
+    scores = probe.score(features, masks)
+    engine_flips = (scores < threshold).tolist()
+    return {
+        "flip_agreement": agreement(naive, engine_flips),
+        "flip_agreement_at_threshold": agreement(naive, (scores < cfg.judge.threshold).tolist()),
+        "n_flips_naive": sum(naive),
+        "n_flips_engine": sum(engine_flips),
+        "n_agreement_masks": len(masks),
+        "minimal_set_size": len(minimal),
+        "agreement_masks": [
+            {"naive_flip": f, "engine_score": s} for f, s in zip(naive, scores.tolist())
+        ],
     }
 
 
@@ -241,9 +284,10 @@ def run(overrides: list[str], settings: dict) -> dict:
 
     naive_scores = engine.score(cache, features, naive_masks)
     engine_flips = (naive_scores < cfg.judge.threshold - cfg.judge.flip_margin).tolist()
-    first_token_flips = (naive_scores < cfg.judge.threshold).tolist()
+    directions = refusal_directions(engine, cfg)
+    agreed = flip_agreement(engine, cfg, prompt, directions, settings)
     eval_prompts = data.load_source(cfg.data.eval)[: settings["n_greedy"]]
-    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts)
+    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts, directions)
     flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {
@@ -267,14 +311,10 @@ def run(overrides: list[str], settings: dict) -> dict:
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
-        "flip_agreement": agreement(flips, engine_flips),
-        "flip_agreement_first_token": agreement(flips, first_token_flips),
-        "n_flips_naive": sum(flips),
-        "n_flips_engine": sum(engine_flips),
-        "agreement_masks": [
-            {"naive_flip": f, "engine_score": s} for f, s in zip(flips, naive_scores.tolist())
-        ],
-        "n_agreement_masks": len(flips),
+        **agreed,
+        # the throughput masks ablate the prompt's most active latents, most of them at once:
+        # far off the search's path, where 48 generated tokens are often degenerate
+        "flip_agreement_throughput_masks": agreement(flips, engine_flips),
         "max_abs_diff_engine_vs_hooked": (scores - batched).abs().max().item(),
         "greedy": greedy_cmp,
         "batch_size": batch,

@@ -109,6 +109,22 @@ class MaskDataModule(L.LightningDataModule):
         return DataLoader(self.val, batch_size=len(self.val))
 
 
+def extra_features(
+    minimal: list[Feature],
+    candidates: list[Feature],
+    clean: dict[int, torch.Tensor],
+    max_extra: int,
+) -> list[Feature]:
+    """Features beside M that the FM also samples: the other candidates first, then each
+    layer's most active latents on the prompt (clean: (T, d_sae) latents per layer)."""
+    extra = [f for f in candidates if f not in minimal]
+    for layer, z in clean.items():
+        extra += [
+            Feature(layer, int(i)) for i in z.max(0).values.argsort(descending=True)[:max_extra]
+        ]
+    return list(dict.fromkeys(f for f in extra if f not in minimal))[:max_extra]
+
+
 def sample_masks(
     n_masks: int,
     n_minimal: int,

@@ -251,13 +251,7 @@ def interactions(
 ) -> dict:
     """FM over M plus other features active on the prompt (candidates first, then strongest)."""
     cfg = run.cfg.search.fm
-    extra = [f for f, _ in found if f not in minimal]
-    for layer, z in clean.items():
-        extra += [
-            Feature(layer, int(i))
-            for i in z.max(0).values.argsort(descending=True)[: cfg.max_extra]
-        ]
-    extra = list(dict.fromkeys(f for f in extra if f not in minimal))[: cfg.max_extra]
+    extra = fm.extra_features(minimal, [f for f, _ in found], clean, cfg.max_extra)
     features = minimal + extra
     masks = fm.sample_masks(
         cfg.n_masks,
