@@ -44,7 +44,7 @@ class Ablation:
 
     mode: str = "zero"
     scale: float = 0.0
-    positions: str = "prompt"  # "prompt": prompt tokens only; "all": generated tokens too
+    positions: str = "all"  # "all": generated tokens too; "prompt": prompt tokens only
 
     @property
     def strength(self) -> float:
