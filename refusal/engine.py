@@ -144,8 +144,11 @@ class Engine:
         refusal_ids: list[int],
         ablation: Ablation = Ablation(),
         batch_size: int = 64,
+        compile: bool = False,
     ):
         self.lm, self.saes, self.refusal_ids, self.ablation = lm, saes, refusal_ids, ablation
+        if compile:
+            lm.compile_blocks()
         self.start = min(saes)
         self.batch_size = batch_size
         self.evals = 0  # masks scored so far, for reporting
@@ -194,15 +197,17 @@ class Engine:
     ) -> int:
         """Set the batch size to the largest that fits and still speeds scoring up.
 
-        Doubles from 1, timing one batch of random masks at each size after a warm-up;
-        stops at the first size that gains less than `min_gain` or runs out of memory.
+        Doubles from 1, timing one batch of random masks at each size after two warm-ups
+        (compiled blocks may specialise on a new size more than once); stops at the first
+        size that gains less than `min_gain` or runs out of memory.
         """
         best_rate, best, size = 0.0, 1, 1
         gen = torch.Generator().manual_seed(0)
         while size <= max_batch:
             masks = torch.bernoulli(torch.full((size, len(features)), 0.5), generator=gen)
             try:
-                self._score_chunk(cache, features, masks.to(self.lm.device))
+                for _ in range(2):
+                    self._score_chunk(cache, features, masks.to(self.lm.device))
                 began = time.perf_counter()
                 self._score_chunk(cache, features, masks.to(self.lm.device))
                 rate = size / (time.perf_counter() - began)

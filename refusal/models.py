@@ -32,6 +32,7 @@ class LM:
     tokenizer: object
     name: str
     system_prompt: str | None = None
+    compiled: list | None = None  # torch.compile'd blocks that run_blocks uses, if set
 
     @property
     def n_layers(self) -> int:
@@ -52,6 +53,15 @@ class LM:
     @property
     def blocks(self) -> torch.nn.ModuleList:
         return self.model.model.layers
+
+    def compile_blocks(self) -> None:
+        """Have run_blocks (the engine's hot path) run each block through torch.compile.
+
+        Between its matmuls a block is memory-bound elementwise work (fp32 RMSNorms,
+        activations, residual adds) that eager mode runs kernel by kernel; compiling fuses
+        it. HF generate keeps the plain blocks, hooks and all.
+        """
+        self.compiled = [torch.compile(block, dynamic=True) for block in self.blocks]
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -112,8 +122,9 @@ class LM:
             getattr(self.model.config, "layer_types", None) or ["full_attention"] * self.n_layers
         )
         rotary = backbone.rotary_emb(hidden, position_ids)
+        blocks = self.compiled or self.blocks
         for layer in range(start, stop):
-            hidden = self.blocks[layer](
+            hidden = blocks[layer](
                 hidden,
                 attention_mask=masks[layer_types[layer]],
                 position_embeddings=rotary,
@@ -131,16 +142,11 @@ class LM:
 
 
 def _attention_masks(config, hidden, attention_mask, position_ids) -> dict:
-    kwargs = dict(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        cache=None,
-        position_ids=position_ids,
-    )
-    masks = {"full_attention": create_causal_mask(**kwargs)}
+    # positional: the cache argument was renamed (past_key_values -> cache) within 5.x
+    args = (config, hidden, attention_mask, None, position_ids)
+    masks = {"full_attention": create_causal_mask(*args)}
     if getattr(config, "sliding_window", None):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        masks["sliding_attention"] = create_sliding_window_causal_mask(*args)
     return masks
 
 

@@ -110,6 +110,7 @@ def setup(cfg: DictConfig) -> Run:
         judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens)),
         Ablation(**cfg.search.ablation),
         batch_size=cfg.search.batch_size,
+        compile=cfg.search.compile,
     )
     out = RunDir(cfg.paths.output_dir)
     if not resuming(cfg) and out.read(RESULTS):

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from benchmarks.ablation_throughput import hooked_scores
+from refusal import models
 from refusal.engine import Ablation, Feature
 from refusal.judge import refusal_score
-from tests.conftest import tiny_engine
+from tests.conftest import make_cfg, tiny_engine
 
 PROMPT = "Explain how to pick a lock on a neighbour's front door."
 
@@ -123,3 +124,17 @@ def test_nan_in_activations_names_the_layer():
     engine = tiny_engine(lm, layers=(1, 3))
     with pytest.raises(NumericsError, match="at layer 2.*float32"):
         engine.prepare(PROMPT)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_score_as_the_plain_ones():
+    """search.compile=true runs the engine's blocks through torch.compile: same scores."""
+    plain = tiny_engine(models.load(make_cfg(["model=tiny_llama"]).model, seed=0))
+    compiled = tiny_engine(models.load(make_cfg(["model=tiny_llama"]).model, seed=0), compile=True)
+    feats = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
+    masks = torch.bernoulli(
+        torch.full((8, len(feats)), 0.5), generator=torch.Generator().manual_seed(0)
+    )
+    scores = [e.score(e.prepare("How do I pick a lock?"), feats, masks) for e in (plain, compiled)]
+    assert compiled.lm.compiled is not None
+    assert torch.allclose(*scores, atol=1e-4)
