@@ -17,6 +17,9 @@ prompts. Writes outputs/bench.json.
     python benchmarks/ablation_throughput.py                          # the organism
     python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
         'layers=[2]' model.config.num_hidden_layers=4 model.config.vocab_size=49152
+    # on a GPU: full depth, bf16, the paper's layers, compiled blocks
+    python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
+        layer=gemma2_paper search.compile=true n_masks=4096
 """
 
 from __future__ import annotations
@@ -64,12 +67,13 @@ DEFAULTS = {
 def splice_edit(engine: Engine, features: list[Feature], masks: torch.Tensor) -> Edit:
     """sae-lens's full encode/decode splice, error term kept:
     h ← decode(edit(encode(h))) + (h − decode(encode(h))), row b ablating masks[b]."""
-    strength = engine.ablation.strength
+    strength, device = engine.ablation.strength, engine.lm.device
     by_layer = {}
     for layer in engine.saes:
         cols = [i for i, f in enumerate(features) if f.layer == layer]
-        idx = torch.tensor([features[i].latent for i in cols], dtype=torch.long)
-        by_layer[layer] = idx, masks[:, cols].to(engine.lm.dtype).unsqueeze(1) * strength
+        idx = torch.tensor([features[i].latent for i in cols], dtype=torch.long, device=device)
+        weight = masks[:, cols].to(device=device, dtype=engine.lm.dtype).unsqueeze(1)
+        by_layer[layer] = idx, weight * strength
 
     def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
         sae, (idx, weight) = engine.saes[layer], by_layer[layer]
@@ -145,7 +149,7 @@ def matmul_peak(
 
 def flops_per_eval(engine: Engine, cache, features, masks: torch.Tensor) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        engine._score_chunk(cache, features, masks)
+        engine._score_chunk(cache, features, masks.to(engine.lm.device))
     return counter.get_total_flops() / len(masks)
 
 
@@ -260,6 +264,7 @@ def run(overrides: list[str], settings: dict) -> dict:
         saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed),
         judge.refusal_token_ids(lm.tokenizer, list(cfg.model.refusal_tokens)),
         Ablation(**cfg.search.ablation),
+        compile=cfg.search.compile,
     )
     prompt = data.load_source(cfg.data.eval)[settings["prompt"]]
     cache = engine.prepare(prompt)
