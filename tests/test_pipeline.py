@@ -84,6 +84,10 @@ def test_every_stage_runs_end_to_end(tmp_path, threshold):
             row["interactions"]["main_effects"]
         ) >= len(minimal)
         assert row["harmless_kl"] >= 0 and isinstance(row["dormant"], list)
+        saved = torch.load(tmp_path / "fm" / f"prompt_{row['prompt_id']}" / "masks.pt")
+        assert saved["features"] == row["interactions"]["features"]
+        rescored = probe.score([parse_feature(f) for f in saved["features"]], saved["masks"])
+        assert torch.allclose(rescored, saved["scores"], atol=1e-4)  # the FM's data, as scored
     assert (tmp_path / "direction.pt").exists() and json.loads(
         (tmp_path / "direction.json").read_text()
     )["layer"] >= 0
