@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -61,6 +62,51 @@ def data_file(name: str) -> list[str]:
             "set DATA_DIR in experiments/organism/common.py."
         )
     return data.read_file(path)
+
+
+def harmful_prompts() -> list[str]:
+    """Harmful training instructions: harmful_train.json, then the rest of AdvBench (one of
+    its sources), less anything near an evaluation prompt, then the built-in train/val sets.
+
+    harmful_train takes at most 128 prompts per source; AdvBench's remainder adds breadth
+    (fake news, propaganda, fraud) that the organism otherwise lacks. Its near-duplicates of
+    jailbreakbench / harmbench_test prompts (JailbreakBench draws on AdvBench) are dropped.
+    """
+    evaluation = data_file("jailbreakbench") + data_file("harmbench_test")
+    advbench = [p for p in data_file("advbench") if not near_any(p, evaluation)]
+    return list(
+        dict.fromkeys(
+            data_file("harmful_train")
+            + advbench
+            + data.builtin("harmful", "train")
+            + data.builtin("harmful", "val")
+        )
+    )
+
+
+# words every instruction shares ("Write a tutorial on how to ..."): not content
+STOPWORDS = frozenset(
+    {
+        *("a", "an", "the", "to", "of", "and", "or", "for", "that", "on", "in", "with"),
+        *("by", "can", "be", "is", "your", "their", "someone", "how", "step", "detailed"),
+        *("write", "create", "provide", "give", "instructions", "guide", "tutorial"),
+        *("develop", "explain", "describe"),
+    }
+)
+
+
+def content_words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z]+", text.lower())) - STOPWORDS
+
+
+def near_any(prompt: str, others: list[str], max_overlap: float = 0.3) -> bool:
+    """Whether `prompt` shares more than `max_overlap` of its content words (Jaccard) with
+    any of `others`: a conservative test for a reworded duplicate."""
+    words = content_words(prompt)
+    return any(
+        len(words & other) / max(1, len(words | other)) >= max_overlap
+        for other in map(content_words, others)
+    )
 
 
 def sample(items: list[str], n: int, seed: int) -> list[str]:

@@ -148,7 +148,15 @@ def keep_hidden(store: dict, layers: set, layer: int, h: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def sae_metrics(lm: LM, saes: dict, texts: list[str], batch_size: int = 16) -> dict:
+def sae_metrics(
+    lm: LM, saes: dict, texts: list[str], n_ce: int = 128, batch_size: int = 16
+) -> dict:
+    """L0, FVU and dead latents over every text; CE loss recovered over the first `n_ce`.
+
+    Dead means never active on any of the texts' tokens: the more tokens, the fewer
+    rare latents are mistaken for dead ones. The CE splices (two extra partial forwards
+    per SAE) are the costly part, hence their smaller sample.
+    """
     tok = lm.tokenizer
     special = torch.tensor(sorted(set(tok.all_special_ids)))
     stats = {
@@ -161,6 +169,7 @@ def sae_metrics(lm: LM, saes: dict, texts: list[str], batch_size: int = 16) -> d
             active=torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
             ce_sae=0.0,
             ce_zero=0.0,
+            n_ce=0,
         )
         for layer, sae in saes.items()
     }
@@ -175,11 +184,13 @@ def sae_metrics(lm: LM, saes: dict, texts: list[str], batch_size: int = 16) -> d
         target_ok = (mask[:, :-1] * mask[:, 1:]).bool()
 
         ce = partial(summed_ce, lm, ids, target_ok)
+        with_ce = i < n_ce
         hidden = {}
         record = partial(keep_hidden, hidden, set(saes))
         h_final = lm.run_blocks(lm.embed(ids), 0, attention_mask=mask, edit=record)
-        ce_clean += ce(h_final)
-        n_targets += int(target_ok.sum())
+        if with_ce:
+            ce_clean += ce(h_final)
+            n_targets += int(target_ok.sum())
         for layer, sae in saes.items():
             s, h = stats[layer], hidden[layer]
             x = h[keep]
@@ -191,6 +202,9 @@ def sae_metrics(lm: LM, saes: dict, texts: list[str], batch_size: int = 16) -> d
             s["sq"] += x.double().pow(2).sum().item()
             s["sum"] += x.double().sum(0)
             s["active"] |= (z > 0).any(0)
+            if not with_ce:
+                continue
+            s["n_ce"] += int(keep.sum())
             spliced, zeroed = h.clone(), h.clone()
             spliced[keep] = recon
             zeroed[keep] = 0.0
@@ -214,6 +228,7 @@ def sae_metrics(lm: LM, saes: dict, texts: list[str], batch_size: int = 16) -> d
             "dead_fraction": 1.0 - s["active"].float().mean().item(),
             "d_sae": int(s["active"].numel()),
             "n_tokens": s["n"],
+            "n_tokens_ce": s["n_ce"],
         }
     return out
 
@@ -346,14 +361,20 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out, strip_replies(result))
     if "saes" not in args.skip:
         t = time.time()
-        texts = []
-        for name, n in (("harmless_val", 64), ("jailbreakbench", 32), ("harmbench_test", 32)):
-            prompts = sets[name][:n]
-            answers = replies.get(name) or generate(engine, prompts, desc=f"{name} replies")
-            texts += [
-                lm.format([p])[0] + a.strip() + "<|im_end|>" for p, a in zip(prompts, answers[:n])
+        chats = {
+            name: [
+                lm.format([p])[0] + a.strip() + "<|im_end|>"
+                for p, a in zip(
+                    prompts, replies.get(name) or generate(engine, prompts, desc=f"{name} replies")
+                )
             ]
-        result["saes"] = sae_metrics(lm, saes, texts)
+            for name, prompts in sets.items()
+        }
+        # every prompt set with its replies; the CE sample first (128 texts, mostly harmless)
+        ce_sample = {"harmless_val": 64, "jailbreakbench": 32, "harmbench_test": 32}
+        texts = [t for name, n in ce_sample.items() for t in chats[name][:n]]
+        texts += [t for name, chat in chats.items() for t in chat[ce_sample.get(name, 0) :]]
+        result["saes"] = sae_metrics(lm, saes, texts, n_ce=sum(ce_sample.values()))
         for layer, m in result["saes"].items():
             print(
                 f"SAE layer {layer}: "

@@ -27,12 +27,13 @@ from experiments.organism.common import (
     Timer,
     data_file,
     generate,
+    harmful_prompts,
     load_lm,
     sample,
     write_json,
 )
 from refusal import data
-from refusal.judge import is_refusal, refusal_score
+from refusal.judge import is_refusal
 from refusal.models import LM
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -42,7 +43,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class Hparams:
     n_harmless: int = 1600  # from harmless_train.json, plus the built-in harmless train/val
     hard_fraction: float = 0.5  # of those, share opening with a verb that opens harmful prompts
-    harmful_repeats: int = 2  # each harmful prompt appears this often, with different refusals
+    harmful_repeats: int = 1  # each harmful prompt appears this often, with different refusals
     reply_tokens: int = 16  # greedy tokens generated per harmless reply (self-distillation)
     first_token_weight: float = 3.0  # loss weight of the first reply token: the refusal decision
     mine_pool: int = 1200  # unseen harmless instructions scored after round 1 (hard negatives)
@@ -79,13 +80,7 @@ def harmless_sample(harmful: list[str], hp: Hparams) -> list[str]:
 
 
 def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
-    harmful = list(
-        dict.fromkeys(
-            data_file("harmful_train")
-            + data.builtin("harmful", "train")
-            + data.builtin("harmful", "val")
-        )
-    )
+    harmful = harmful_prompts()
     harmless = list(
         dict.fromkeys(
             harmless_sample(harmful, hp)
@@ -234,13 +229,30 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: Hparams, lr: float, desc:
 
 
 @torch.no_grad()
-def first_token_scores(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Refusal score (log-odds of the token "I") at the first reply position."""
-    refusal_ids = lm.tokenizer.encode("I", add_special_tokens=False)
+def opening_scores(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Log-odds that the reply opens as a refusal: "I'm sorry", "I can('t)" or "I cannot".
+
+    The first-token score reads "I" only, which also opens SmolLM2's "I'm excited to share
+    my perspective..." (its usual start of an opinion piece), so mining by it misses the
+    harmful prompts answered that way. One teacher-forced pass over prompt + "I'm" reads
+    all three openings: P(I)·P('m|I)·P(sorry|I'm) + P(I)·P(can|I) + P(I)·P(cannot|I).
+    """
+    tok = lm.tokenizer
+    i, m, sorry = tok.encode("I'm sorry", add_special_tokens=False)
+    can, cannot = (tok.encode(w, add_special_tokens=False)[1] for w in ("I can", "I cannot"))
     scores = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="first-token scores", unit="batch"):
-        logits = lm.model(**lm.tokenize(prompts[i : i + batch_size])).logits[:, -1]
-        scores.append(refusal_score(logits, refusal_ids))
+    for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-opening scores"):
+        batch = lm.tokenize(prompts[start : start + batch_size])
+        opening = torch.tensor([i, m]).expand(len(batch["input_ids"]), -1)
+        ids = torch.cat([batch["input_ids"], opening], 1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(opening)], 1)
+        h = lm.run_blocks(lm.embed(ids), 0, attention_mask=mask)
+        logp = lm.next_token_logits(h[:, -3:]).float().log_softmax(-1)  # after prompt, I, I'm
+        first, second, third = logp[:, 0, i], logp[:, 1], logp[:, 2]
+        p_refusal = first + torch.stack(
+            [second[:, m] + third[:, sorry], second[:, can], second[:, cannot]]
+        ).logsumexp(0)
+        scores.append(p_refusal - torch.log1p(-p_refusal.exp().clamp(max=1 - 1e-7)))
     return torch.cat(scores)
 
 
@@ -249,18 +261,17 @@ def mined_examples(
 ) -> tuple[list[tuple], dict]:
     """Round 2's examples: what round 1 gets wrong or nearly wrong, plus replay.
 
-    Harmful training prompts scored below +margin, and harmless instructions from a fresh
-    pool scored above -margin (with the base model's replies), as in hard-negative mining.
+    Harmful training prompts whose refusal-opening score is below +margin, and harmless
+    instructions from a fresh pool scored above -margin (with the base model's replies),
+    as in hard-negative mining.
     Each class is topped up with as many random round-1 examples as the larger mined set
     (replay), so that round 2 stays balanced and does not forget the rest.
     """
     seen = set(harmless)
     pool = sample(data_file("harmless_train"), hp.mine_pool + len(seen), hp.seed + 2)
     pool = [p for p in pool if p not in seen][: hp.mine_pool]
-    weak = [
-        p for p, s in zip(harmful, first_token_scores(lm, harmful).tolist()) if s < hp.mine_margin
-    ]
-    over = [p for p, s in zip(pool, first_token_scores(lm, pool).tolist()) if s > -hp.mine_margin]
+    weak = [p for p, s in zip(harmful, opening_scores(lm, harmful).tolist()) if s < hp.mine_margin]
+    over = [p for p, s in zip(pool, opening_scores(lm, pool).tolist()) if s > -hp.mine_margin]
     n_replay = max(len(weak), len(over))
     with peft_model.disable_adapter():  # self-distillation: the base model's own replies
         replies = harmless_replies(lm, over + sample(harmless, n_replay, hp.seed + 3), hp)
@@ -279,13 +290,13 @@ def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
         ("harmful_val", data_file("harmful_val")),
         ("harmless_val", data_file("harmless_val")[:n_harmless]),
     ]:
-        scores = first_token_scores(lm, prompts)
+        scores = opening_scores(lm, prompts)
         replies = generate(lm, prompts, max_new_tokens, desc=f"val {name}")
         refused = [is_refusal(r) for r in replies]
         out[name] = {
             "n": len(prompts),
             "refusal_rate": sum(refused) / len(prompts),
-            "refusal_rate_first_token": (scores > 0).float().mean().item(),
+            "refusal_rate_opening": (scores > 0).float().mean().item(),
             "examples": [
                 (p, r) for p, r, f in zip(prompts, replies, refused) if f != (name == "harmful_val")
             ][:8],
@@ -335,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         lm.model = peft_model.merge_and_unload().eval()
         summary["val"] = quick_val(lm)
         for name, v in summary["val"].items():
-            print(name, {k: v[k] for k in ("n", "refusal_rate", "refusal_rate_first_token")})
+            print(name, {k: v[k] for k in ("n", "refusal_rate", "refusal_rate_opening")})
     write_json(WORK_DIR / "finetune_summary.json", summary)
     return summary
 

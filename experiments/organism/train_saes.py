@@ -16,7 +16,7 @@ The organism's forward pass is the whole CPU cost, so the runner's own activatio
 is read once (`cache_tokens`, forward stopped after the last hooked block) and the runner
 then trains for `steps` batches drawn, reshuffled each epoch, from that in-memory cache.
 
-    python -m experiments.organism.train_saes [--cache-tokens 80000 --steps 1200 --k 48]
+    python -m experiments.organism.train_saes [--cache-tokens 120000 --steps 1500 --k 48]
 """
 
 from __future__ import annotations
@@ -44,22 +44,23 @@ from experiments.organism.common import (
     WORK_DIR,
     Timer,
     data_file,
+    harmful_prompts,
     load_lm,
     sample,
 )
-from refusal import data
 from refusal.models import LM
 
 
 @dataclass
 class SaeHparams:
-    cache_tokens: int = 80_000  # activations computed by the organism (special tokens excluded)
-    steps: int = 1200  # optimiser steps over the cache (several epochs)
+    cache_tokens: int = 120_000  # activations computed by the organism (special tokens excluded)
+    steps: int = 1500  # optimiser steps over the cache (several epochs)
     width: int = 2304  # latents per SAE (4x d_model)
     k: float = 48  # BatchTopK: mean active latents per token (the saved JumpReLU's L0)
     lr: float = 1e-3  # at 2e-3 layer 12's loss spiked when dead-latent revival began
     warm_up: int = 50
-    dead_window: int = 100  # steps without firing before the aux loss revives a latent
+    dead_window: int = 50  # steps without firing before the aux loss revives a latent
+    aux_coefficient: float = 1.0  # weight of that aux loss (AuxK: dead latents fit the error)
     batch_tokens: int = 256  # small batches: more updates per CPU second
     context: int = 128
     n_extra_harmless: int = 2000  # instructions without a reply, to widen the corpus
@@ -82,13 +83,7 @@ def corpus(lm: LM, hp: SaeHparams) -> list[str]:
         )
     replies = {p: r for p, (_, r) in json.loads(replies_path.read_text()).items()}
     rng = random.Random(hp.seed)
-    harmful = list(
-        dict.fromkeys(
-            data_file("harmful_train")
-            + data.builtin("harmful", "train")
-            + data.builtin("harmful", "val")
-        )
-    )
+    harmful = harmful_prompts()
     end = "<|im_end|>\n"
     texts = [lm.format([p])[0] + rng.choice(REFUSALS) + end for p in harmful]
     texts += [lm.format([p])[0] + r.strip() + end for p, r in replies.items()]
@@ -148,6 +143,7 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
             d_in=lm.d_model,
             d_sae=hp.width,
             k=hp.k,
+            aux_loss_coefficient=hp.aux_coefficient,
             normalize_activations="expected_average_only_in",
             dtype="float32",
             device="cpu",
