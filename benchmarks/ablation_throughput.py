@@ -56,7 +56,8 @@ HEADLINE = (
 )
 DEFAULTS = {
     "n_masks": 256,
-    "n_naive": 32,
+    "n_naive": 32,  # naive evaluations for the throughput, and per prompt for the agreement
+    "n_agreement_prompts": 2,
     "n_features": 24,
     "max_new_tokens": 48,
     "prompt": 0,
@@ -226,32 +227,42 @@ def greedy_comparison(
 
 
 def flip_agreement(
-    engine: Engine, cfg: DictConfig, prompt: str, directions: torch.Tensor, settings: dict
+    engine: Engine, cfg: DictConfig, prompts: list[str], directions: torch.Tensor, settings: dict
 ) -> dict:
     """Engine against naive on the flip decisions the search takes: the FM's own masks
-    (its sampler over the prompt's minimal set and extra features)."""
-    probe, found = candidates(engine, cfg, prompt, directions)
+    (its sampler over a prompt's minimal set and extra features), `n_naive` masks on each
+    of the first `n_agreement_prompts` refused prompts."""
     threshold = cfg.judge.threshold - cfg.judge.flip_margin
-    minimal = greedy.minimal_set(probe, found, threshold).minimal
     c = cfg.search.fm
-    extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
-    masks = fm.sample_masks(
-        settings["n_naive"], len(minimal), len(extra), c.p_minimal, c.p_extra, cfg.seed
-    )
-    features = minimal + extra
-    naive = naive_flips(engine, prompt, features, masks, settings["max_new_tokens"])
-    scores = probe.score(features, masks)
-    engine_flips = (scores < threshold).tolist()
+    rows, sizes = [], []
+    for prompt in prompts:
+        probe, found = candidates(engine, cfg, prompt, directions)
+        if probe.cache.score < cfg.judge.threshold:
+            continue
+        minimal = greedy.minimal_set(probe, found, threshold).minimal
+        extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
+        masks = fm.sample_masks(
+            settings["n_naive"], len(minimal), len(extra), c.p_minimal, c.p_extra, cfg.seed
+        )
+        features = minimal + extra
+        naive = naive_flips(engine, prompt, features, masks, settings["max_new_tokens"])
+        scores = probe.score(features, masks).tolist()
+        rows += [
+            {"prompt": prompt, "naive_flip": f, "engine_score": s} for f, s in zip(naive, scores)
+        ]
+        sizes.append(len(minimal))
+        if len(sizes) == settings["n_agreement_prompts"]:
+            break
+    naive = [r["naive_flip"] for r in rows]
+    scores = torch.tensor([r["engine_score"] for r in rows])
     return {
-        "flip_agreement": agreement(naive, engine_flips),
+        "flip_agreement": agreement(naive, (scores < threshold).tolist()),
         "flip_agreement_at_threshold": agreement(naive, (scores < cfg.judge.threshold).tolist()),
         "n_flips_naive": sum(naive),
-        "n_flips_engine": sum(engine_flips),
-        "n_agreement_masks": len(masks),
-        "minimal_set_size": len(minimal),
-        "agreement_masks": [
-            {"naive_flip": f, "engine_score": s} for f, s in zip(naive, scores.tolist())
-        ],
+        "n_flips_engine": int((scores < threshold).sum()),
+        "n_agreement_masks": len(rows),
+        "minimal_set_sizes": sizes,
+        "agreement_masks": rows,
     }
 
 
@@ -290,9 +301,9 @@ def run(overrides: list[str], settings: dict) -> dict:
     naive_scores = engine.score(cache, features, naive_masks)
     engine_flips = (naive_scores < cfg.judge.threshold - cfg.judge.flip_margin).tolist()
     directions = refusal_directions(engine, cfg)
-    agreed = flip_agreement(engine, cfg, prompt, directions, settings)
-    eval_prompts = data.load_source(cfg.data.eval)[: settings["n_greedy"]]
-    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts, directions)
+    eval_prompts = data.load_source(cfg.data.eval)
+    agreed = flip_agreement(engine, cfg, eval_prompts[settings["prompt"] :], directions, settings)
+    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts[: settings["n_greedy"]], directions)
     flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {

@@ -19,6 +19,7 @@ def test_benchmark_writes_its_figures(tmp_path):
             "n_naive=3",
             "max_new_tokens=4",
             "n_greedy=2",
+            "judge.threshold=-1000",  # every prompt counts as refused
             f"out={out}",
         ]
     )
@@ -39,5 +40,5 @@ def test_benchmark_writes_its_figures(tmp_path):
         "engine",
     }
     assert result["max_abs_diff_engine_vs_hooked"] < 1e-3
-    assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 3
+    assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 6
     assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])
