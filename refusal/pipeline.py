@@ -265,12 +265,6 @@ def interactions(
     scores = probe.score(features, masks)
     out_dir = run.out.path / "fm" / f"prompt_{prompt_id}"
     shutil.rmtree(out_dir, ignore_errors=True)  # left by a killed run: train afresh
-    out_dir.mkdir(parents=True)
-    # the FM's data, to refit or study it without scoring the masks again
-    torch.save(
-        {"features": [str(f) for f in features], "masks": masks, "scores": scores},
-        out_dir / "masks.pt",
-    )
     readout = fm.fit(
         masks,
         scores,
@@ -281,6 +275,12 @@ def interactions(
         out_dir,
         logger=run.tracker.fm_loggers(prompt_id),
         seed=run.cfg.seed,
+    )
+    # the FM's data, to refit or study it without scoring the masks again
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"features": [str(f) for f in features], "masks": masks, "scores": scores},
+        out_dir / "masks.pt",
     )
     return {
         "features": [str(f) for f in features],
