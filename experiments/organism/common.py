@@ -100,7 +100,7 @@ def content_words(text: str) -> frozenset[str]:
 
 
 def near_any(prompt: str, others: list[str], max_overlap: float = 0.3) -> bool:
-    """Whether `prompt` shares more than `max_overlap` of its content words (Jaccard) with
+    """Whether `prompt` shares at least `max_overlap` of its content words (Jaccard) with
     any of `others`: a conservative test for a reworded duplicate."""
     words = content_words(prompt)
     return any(
