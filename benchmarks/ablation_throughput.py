@@ -57,7 +57,7 @@ HEADLINE = (
 DEFAULTS = {
     "n_masks": 256,
     "n_naive": 32,  # naive evaluations for the throughput, and per prompt for the agreement
-    "n_agreement_prompts": 2,
+    "n_agreement_prompts": 4,
     "n_features": 24,
     "max_new_tokens": 48,
     "prompt": 0,
@@ -255,8 +255,13 @@ def flip_agreement(
             break
     naive = [r["naive_flip"] for r in rows]
     scores = torch.tensor([r["engine_score"] for r in rows])
+    n = settings["n_naive"]
     return {
         "flip_agreement": agreement(naive, (scores < threshold).tolist()),
+        "flip_agreement_per_prompt": [
+            agreement(naive[i : i + n], (scores[i : i + n] < threshold).tolist())
+            for i in range(0, len(rows), n)
+        ],
         "flip_agreement_at_threshold": agreement(naive, (scores < cfg.judge.threshold).tolist()),
         "n_flips_naive": sum(naive),
         "n_flips_engine": int((scores < threshold).sum()),

@@ -40,5 +40,7 @@ def test_benchmark_writes_its_figures(tmp_path):
         "engine",
     }
     assert result["max_abs_diff_engine_vs_hooked"] < 1e-3
-    assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 6
+    n_prompts = ablation_throughput.DEFAULTS["n_agreement_prompts"]
+    assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 3 * n_prompts
+    assert len(result["flip_agreement_per_prompt"]) == n_prompts
     assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])

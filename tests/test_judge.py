@@ -8,15 +8,20 @@ from refusal.errors import ConfigError
 from tests.conftest import make_cfg
 
 
-def test_refusal_score_is_log_odds():
-    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
-    torch.testing.assert_close(
-        judge.refusal_score(logits, [0, 1]), torch.tensor([0.0]), atol=1e-5, rtol=0
-    )
-    assert judge.refusal_score(logits, [2]).item() == pytest.approx(0.0, abs=1e-5)
-    assert judge.refusal_score(logits, [0]).item() == pytest.approx(
-        torch.log(torch.tensor(0.25)).item()
-    )
+def test_refusal_score_is_the_greedy_margin():
+    logits = torch.tensor([[1.0, 3.0, 2.5, 0.0], [4.0, 0.5, 1.0, 2.0]])
+    # the best refusal token against the best other token, per row
+    torch.testing.assert_close(judge.refusal_score(logits, [0, 1]), torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(judge.refusal_score(logits, [2]), torch.tensor([-0.5, -3.0]))
+
+
+def test_refusal_score_sign_is_the_greedy_first_token():
+    logits = torch.randn(256, 50, generator=torch.Generator().manual_seed(0))
+    refusal_ids = [3, 17, 41]
+    greedy_refuses = torch.isin(logits.argmax(-1), torch.tensor(refusal_ids))
+    assert torch.equal(judge.refusal_score(logits, refusal_ids) > 0, greedy_refuses)
+    # both decisions occur, so the check is not vacuous
+    assert greedy_refuses.any() and (~greedy_refuses).any()
 
 
 @pytest.mark.parametrize(
