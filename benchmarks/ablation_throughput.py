@@ -87,9 +87,9 @@ def splice_edit(engine: Engine, features: list[Feature], masks: torch.Tensor) ->
     return edit
 
 
-def naive_flips(engine: Engine, prompt: str, features, masks, max_new_tokens: int) -> list[bool]:
+def naive_replies(engine: Engine, prompt: str, features, masks, max_new_tokens: int) -> list[str]:
     batch = engine.lm.tokenize([prompt])
-    flips = []
+    replies = []
     for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
         edit = splice_edit(engine, features, mask[None])
         with engine.hooked(edit, engine.saes), torch.no_grad():
@@ -100,11 +100,17 @@ def naive_flips(engine: Engine, prompt: str, features, masks, max_new_tokens: in
                 do_sample=False,
                 pad_token_id=engine.lm.tokenizer.pad_token_id,
             )
-        reply = engine.lm.tokenizer.decode(
-            out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        replies.append(
+            engine.lm.tokenizer.decode(
+                out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
         )
-        flips.append(not judge.is_refusal(reply))
-    return flips
+    return replies
+
+
+def flipped(replies: list[str]) -> list[bool]:
+    """The naive judge's decisions: no refusal marker in the reply."""
+    return [not judge.is_refusal(reply) for reply in replies]
 
 
 def hooked_scores(engine: Engine, prompt: str, features, masks, batch_size: int) -> torch.Tensor:
@@ -245,10 +251,11 @@ def flip_agreement(
             settings["n_naive"], len(minimal), len(extra), c.p_minimal, c.p_extra, cfg.seed
         )
         features = minimal + extra
-        naive = naive_flips(engine, prompt, features, masks, settings["max_new_tokens"])
+        replies = naive_replies(engine, prompt, features, masks, settings["max_new_tokens"])
         scores = probe.score(features, masks).tolist()
         rows += [
-            {"prompt": prompt, "naive_flip": f, "engine_score": s} for f, s in zip(naive, scores)
+            {"prompt": prompt, "naive_flip": f, "engine_score": s, "naive_reply": r}
+            for f, s, r in zip(flipped(replies), scores, replies)
         ]
         sizes.append(len(minimal))
         if len(sizes) == settings["n_agreement_prompts"]:
@@ -298,8 +305,8 @@ def run(overrides: list[str], settings: dict) -> dict:
     _, full_rate = timed(
         lambda: hooked_scores(engine, prompt, features, masks[:n_small], 1), n_small
     )
-    flips, naive_rate = timed(
-        lambda: naive_flips(engine, prompt, features, naive_masks, settings["max_new_tokens"]),
+    replies, naive_rate = timed(
+        lambda: naive_replies(engine, prompt, features, naive_masks, settings["max_new_tokens"]),
         len(naive_masks),
     )
 
@@ -335,7 +342,7 @@ def run(overrides: list[str], settings: dict) -> dict:
         **agreed,
         # the throughput masks ablate the prompt's most active latents, most of them at once:
         # far off the search's path, where 48 generated tokens are often degenerate
-        "flip_agreement_throughput_masks": agreement(flips, engine_flips),
+        "flip_agreement_throughput_masks": agreement(flipped(replies), engine_flips),
         "max_abs_diff_engine_vs_hooked": (scores - batched).abs().max().item(),
         "greedy": greedy_cmp,
         "batch_size": batch,

@@ -43,4 +43,5 @@ def test_benchmark_writes_its_figures(tmp_path):
     n_prompts = ablation_throughput.DEFAULTS["n_agreement_prompts"]
     assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 3 * n_prompts
     assert len(result["flip_agreement_per_prompt"]) == n_prompts
+    assert all(isinstance(row["naive_reply"], str) for row in result["agreement_masks"])
     assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])
