@@ -2,9 +2,9 @@
 
 The first-token score reads the refusal tokens of refusal_direction (e.g. "I" of "I'm
 sorry") as greedy decoding does: score = the best refusal token's logit − the best other
-token's. Positive exactly when the greedy reply opens with a refusal token, so the score's
-sign is the decision the generation judge then reads on (refusal_direction's log-odds of
-the refusal mass disagrees with it whenever no token holds half the mass).
+token's. It is positive exactly when the greedy reply, which the generation judge reads,
+opens with a refusal token. (refusal_direction's log-odds of the refusal mass can disagree
+with greedy decoding whenever no token holds half the mass.)
 The generation judge reads a greedy reply: a refusal marker anywhere, or an empty
 reply, is a refusal (as in heretic and refusal_sae).
 """
