@@ -262,16 +262,15 @@ def flip_agreement(
             break
     naive = [r["naive_flip"] for r in rows]
     scores = torch.tensor([r["engine_score"] for r in rows])
-    n = settings["n_naive"]
+    engine_flips, n = (scores < threshold).tolist(), settings["n_naive"]
     return {
-        "flip_agreement": agreement(naive, (scores < threshold).tolist()),
+        "flip_agreement": agreement(naive, engine_flips),
         "flip_agreement_per_prompt": [
-            agreement(naive[i : i + n], (scores[i : i + n] < threshold).tolist())
-            for i in range(0, len(rows), n)
+            agreement(naive[i : i + n], engine_flips[i : i + n]) for i in range(0, len(rows), n)
         ],
         "flip_agreement_at_threshold": agreement(naive, (scores < cfg.judge.threshold).tolist()),
         "n_flips_naive": sum(naive),
-        "n_flips_engine": int((scores < threshold).sum()),
+        "n_flips_engine": sum(engine_flips),
         "n_agreement_masks": len(rows),
         "minimal_set_sizes": sizes,
         "agreement_masks": rows,
