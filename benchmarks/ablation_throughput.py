@@ -2,10 +2,12 @@
 
 One process, the same prompt and masks for every variant:
   naive                   per mask: full forward with sae-lens splice hooks + 48-token greedy
-                          generation, judged by refusal markers (how earlier tooling works);
-                          the splice covers the positions the search ablates (search.ablation)
-  full_forward            per mask: hooked full forward, first-token refusal score
-  batched_full_forward    a batch of masks in one hooked full forward
+                          generation, the assistant's turn judged by refusal markers (how
+                          earlier tooling works); the splice covers the positions the search
+                          ablates (search.ablation)
+  full_forward            per mask: hooked full forward + greedy decoding of the few tokens
+                          the opening score reads (judge.Openings)
+  batched_full_forward    a batch of masks in one hooked full forward and decoding
   prefix_cached           the engine with batch size 1 (prefix cache + sparse latents)
   engine                  the engine: prefix cache, sparse latents, batched masks
 plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
@@ -96,16 +98,19 @@ def naive_replies(engine: Engine, prompt: str, features, masks, max_new_tokens: 
             out = engine.lm.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,  # the reference's cost: always N tokens
+                eos_token_id=None,  # the reference's cost, always N tokens; nor is EOS banned
                 do_sample=False,
                 pad_token_id=engine.lm.tokenizer.pad_token_id,
             )
-        replies.append(
-            engine.lm.tokenizer.decode(
-                out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-        )
+        replies.append(assistant_turn(engine.lm, out[0, batch["input_ids"].shape[1] :]))
     return replies
+
+
+def assistant_turn(lm: models.LM, reply_ids: torch.Tensor) -> str:
+    """The text of a generated reply up to the end of the assistant's turn."""
+    ends = torch.isin(reply_ids, torch.tensor(lm.end_of_turn_ids, device=reply_ids.device))
+    cut = int(ends.nonzero()[0]) if ends.any() else len(reply_ids)
+    return lm.tokenizer.decode(reply_ids[:cut], skip_special_tokens=True)
 
 
 def flipped(replies: list[str]) -> list[bool]:
@@ -114,15 +119,36 @@ def flipped(replies: list[str]) -> list[bool]:
 
 
 def hooked_scores(engine: Engine, prompt: str, features, masks, batch_size: int) -> torch.Tensor:
+    """Opening scores from HF's own forward and greedy generate, sae-lens's splice hooked in."""
     batch = engine.lm.tokenize([prompt])
     scores = []
     for i in range(0, len(masks), batch_size):
         chunk = masks[i : i + batch_size]
         with engine.hooked(splice_edit(engine, features, chunk), engine.saes), torch.no_grad():
-            ids = batch["input_ids"].expand(len(chunk), -1)
-            logits = engine.lm.model(input_ids=ids).logits[:, -1]
-        scores.append(judge.refusal_score(logits, engine.refusal_ids).cpu())
+            out = engine.lm.model.generate(
+                **{k: v.expand(len(chunk), -1) for k, v in batch.items()},
+                max_new_tokens=engine.openings.depth,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=engine.lm.tokenizer.pad_token_id,
+            )
+        scores.append(replayed_scores(engine.openings, out, batch["input_ids"].shape[1]).cpu())
     return torch.cat(scores)
+
+
+def replayed_scores(openings: judge.Openings, out, prompt_len: int) -> torch.Tensor:
+    """Opening scores of a greedy `generate` output, its logits replayed to the walk."""
+    rows, steps = torch.arange(len(out.sequences)), iter(enumerate(out.logits[1:], prompt_len))
+
+    def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal rows
+        rows = rows[keep.cpu()]
+        position, logits = next(steps)
+        assert torch.equal(out.sequences[rows, position], tokens), "walk left the greedy path"
+        return logits[rows]
+
+    return openings.score(out.logits[0], next_logits)
 
 
 def timed(fn, n: int) -> tuple[object, float]:
@@ -361,8 +387,10 @@ def run(overrides: list[str], settings: dict) -> dict:
     }
 
 
-def agreement(a: list[bool], b: list[bool]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+def agreement(a: list[bool], b: list[bool]) -> float | None:
+    """Share of equal decisions (None where there are none: e.g. random weights refuse
+    no prompt)."""
+    return sum(x == y for x, y in zip(a, b)) / len(a) if a else None
 
 
 def _unbatched(engine: Engine, cache, features, masks) -> torch.Tensor:

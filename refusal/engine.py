@@ -8,12 +8,16 @@ fᵢ needs only encoder row i, so a mask costs O(|S|·d) per token, whatever the
 TopK SAEs couple their latents through the ranking: they take a full encode per edit.
 
 For one prompt the engine runs the model once up to the first SAE layer and caches
-that residual (and the SAE latents there, which no mask can change). Scoring a batch
-of masks then runs only the remaining blocks. All stages score through this engine.
+that residual, its keys and values, and the SAE latents there (no mask can change them).
+Scoring a batch of masks then runs only the remaining blocks over the prompt; rows whose
+greedy reply opens like a refusal then decode a few more tokens, one at a time through a
+KV cache, to see whether it becomes a whole refusal marker (judge.Openings).
+All stages score through this engine.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from sae_lens import SAE, JumpReLUSAE, StandardSAE
+from transformers.cache_utils import DynamicCache
 
 from refusal.errors import NumericsError
-from refusal.judge import refusal_score
+from refusal.judge import Openings, refusal_openings, refusal_score
 from refusal.models import LM, Edit
 
 
@@ -60,7 +65,8 @@ class PromptCache:
     input_ids: torch.Tensor  # (1, T)
     hidden: torch.Tensor  # (1, T, d): residual at layer `start`, before any edit
     latents: torch.Tensor  # (T, d_sae): the first SAE's latents on `hidden`
-    score: float  # clean first-token refusal score
+    kv: DynamicCache  # keys and values of blocks 0..start
+    score: float  # clean opening score
 
 
 def _sparse(sae: SAE) -> bool:
@@ -145,8 +151,10 @@ class Engine:
         ablation: Ablation = Ablation(),
         batch_size: int = 64,
         compile: bool = False,
+        openings: Openings | None = None,
     ):
         self.lm, self.saes, self.refusal_ids, self.ablation = lm, saes, refusal_ids, ablation
+        self.openings = openings or refusal_openings(lm)
         if compile:
             lm.compile_blocks()
         self.start = min(saes)
@@ -159,19 +167,21 @@ class Engine:
     def prepare(self, instruction: str) -> PromptCache:
         """Run the prompt to the first SAE layer once; check numerics on a clean pass."""
         batch = self.lm.tokenize([instruction])
+        kv = DynamicCache()
         h = self.lm.run_blocks(
-            self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite
+            self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite, cache=kv
         )
         latents = self.saes[self.start].encode(h[0])
-        rest = self.lm.run_blocks(h, self.start + 1, edit=_check_finite)
-        score = refusal_score(self.lm.next_token_logits(rest[:, -1]), self.refusal_ids).item()
-        return PromptCache(instruction, batch["input_ids"], h, latents, score)
+        lower = copy.deepcopy(kv)
+        rest = self.lm.run_blocks(h, self.start + 1, edit=_check_finite, cache=kv)
+        score = self._opening_scores(rest[:, -1], [], torch.ones(1, 0, device=h.device), kv).item()
+        return PromptCache(instruction, batch["input_ids"], h, latents, lower, score)
 
     @torch.no_grad()
     def score(
         self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
     ) -> torch.Tensor:
-        """First-token refusal score for each mask row (masks: (B, len(features)) in {0,1})."""
+        """Opening refusal score for each mask row (masks: (B, len(features)) in {0,1})."""
         masks = torch.as_tensor(masks, device=self.lm.device)
         if masks.ndim == 1:
             masks = masks.unsqueeze(0)
@@ -184,8 +194,30 @@ class Engine:
     ) -> torch.Tensor:
         edit = MaskEdit(self, features, masks, first_latents=cache.latents)
         h = edit(self.start, cache.hidden.expand(len(masks), -1, -1))
-        h = self.lm.run_blocks(h, self.start + 1, edit=edit)
-        return refusal_score(self.lm.next_token_logits(h[:, -1]), self.refusal_ids).cpu()
+        kv = copy.deepcopy(cache.kv)
+        kv.batch_repeat_interleave(len(masks))
+        h = self.lm.run_blocks(h, self.start + 1, edit=edit, cache=kv)
+        return self._opening_scores(h[:, -1], features, masks, kv).cpu()
+
+    def _opening_scores(
+        self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: DynamicCache
+    ) -> torch.Tensor:
+        """Opening scores from the final residual `last` (B, d) of prompts whose keys and
+        values `kv` holds, decoding greedy tokens under each row's mask (judge.Openings)."""
+        past = kv.get_seq_length()
+
+        def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            nonlocal masks, past
+            kv.batch_select_indices(keep.nonzero().squeeze(-1))
+            masks = masks[keep]
+            # a new token: its latents are not cached, and "prompt" ablation leaves it alone
+            edit = MaskEdit(self, features, masks) if self.ablation.positions == "all" else None
+            h = self.lm.embed(tokens[:, None])
+            h = self.lm.run_blocks(h, 0, edit=edit, cache=kv, past=past)
+            past += 1
+            return self.lm.next_token_logits(h[:, -1])
+
+        return self.openings.score(self.lm.next_token_logits(last), next_logits)
 
     @torch.no_grad()
     def tune_batch_size(

@@ -1,15 +1,25 @@
-"""Judging refusal: a first-token score for inner loops, a generation judge to verify.
+"""Judging refusal: an opening score for inner loops, a generation judge to verify.
 
-The first-token score reads the refusal tokens of refusal_direction (e.g. "I" of "I'm
-sorry") as greedy decoding does: score = the best refusal token's logit − the best other
-token's. It is positive exactly when the greedy reply, which the generation judge reads,
-opens with a refusal token. (refusal_direction's log-odds of the refusal mass can disagree
-with greedy decoding whenever no token holds half the mass.)
 The generation judge reads a greedy reply: a refusal marker anywhere, or an empty
 reply, is a refusal (as in heretic and refusal_sae).
+
+The opening score predicts it without generating: it follows greedy decoding through a
+trie of the markers' token ids (plus end-of-turn, the empty reply) and is positive exactly
+when the greedy reply opens with a whole marker. At each step the margin is the best
+trie-continuing token's logit minus the best other token's; the score is the smallest
+margin on the path, so it is as far from zero as the closest greedy decision. A first
+token alone cannot tell "I'm sorry" from "I'm afraid of heights", which often follow
+the same "I" once refusal features are ablated.
+
+refusal_score is the one-step case over single refusal tokens (e.g. "I" of "I'm sorry"),
+for the refusal direction's many-prompt scores. (refusal_direction's log-odds of the
+refusal mass can disagree with greedy decoding whenever no token holds half the mass.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -64,11 +74,94 @@ def refusal_token_ids(tokenizer, tokens: list[str]) -> list[int]:
 def refusal_score(logits: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """Greedy margin of the refusal tokens, from next-token logits of shape (..., vocab):
     the best refusal token's logit minus the best other token's."""
+    ids = torch.tensor(token_ids, device=logits.device).expand(*logits.shape[:-1], -1)
+    return greedy_margin(logits, ids)[0]
+
+
+def greedy_margin(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best logit among token ids (..., k) minus the best among all others, and which of
+    the k it is. Positive exactly when greedy decoding picks one of `ids`."""
     logits = logits.float()
-    ids = torch.tensor(token_ids, device=logits.device)
-    refusal = logits.index_select(-1, ids).amax(-1)
-    other = logits.index_fill(-1, ids, float("-inf")).amax(-1)
-    return refusal - other
+    best, which = logits.gather(-1, ids).max(-1)
+    other = logits.scatter(-1, ids, float("-inf")).amax(-1)
+    return best - other, which
+
+
+# next_logits(keep, tokens): the logits after appending `tokens` to the rows that the bool
+# mask `keep` selects among those of the previous call (the first call: among all rows).
+Continue = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Openings:
+    """A trie of reply openings in token ids; node 0 is the reply's start.
+
+    child_ids[n] lists node n's next tokens (padded by repeating one, which changes no
+    max), child_node[n] the nodes they lead to; complete[n] marks a whole opening.
+    """
+
+    child_ids: torch.Tensor  # (nodes, k) long
+    child_node: torch.Tensor  # (nodes, k) long
+    complete: torch.Tensor  # (nodes,) bool
+    depth: int  # tokens in the longest opening
+
+    @classmethod
+    def build(cls, sequences: list[list[int]]) -> Openings:
+        children: list[dict[int, int]] = [{}]
+        complete = [False]
+        for seq in sequences:
+            node = 0
+            for token in seq:
+                if complete[node]:
+                    break  # a shorter opening already decides
+                if token not in children[node]:
+                    children[node][token] = len(children)
+                    children.append({})
+                    complete.append(False)
+                node = children[node][token]
+            complete[node] = bool(seq)
+        width = max(len(c) for c in children)
+
+        def padded(values: list[int]) -> list[int]:
+            return values + [values[0]] * (width - len(values)) if values else [0] * width
+
+        return cls(
+            torch.tensor([padded(list(c)) for c in children]),
+            torch.tensor([padded(list(c.values())) for c in children]),
+            torch.tensor(complete),
+            max(map(len, sequences)),
+        )
+
+    def score(self, logits: torch.Tensor, next_logits: Continue) -> torch.Tensor:
+        """Opening score of each row, from its first-token logits (B, vocab).
+
+        next_logits (see Continue) is called only for the rows whose greedy reply is still
+        inside the trie, with each one's greedy token.
+        """
+        device = logits.device
+        child_ids, child_node = self.child_ids.to(device), self.child_node.to(device)
+        complete = self.complete.to(device)
+        score = torch.full((len(logits),), float("inf"), device=device)
+        rows = torch.arange(len(logits), device=device)
+        nodes = torch.zeros(len(logits), dtype=torch.long, device=device)
+        while True:
+            margin, which = greedy_margin(logits, child_ids[nodes])
+            score[rows] = torch.minimum(score[rows], margin)
+            tokens = child_ids[nodes, which]
+            nodes = child_node[nodes, which]
+            walking = (margin > 0) & ~complete[nodes]
+            if not walking.any():
+                return score
+            rows, nodes = rows[walking], nodes[walking]
+            logits = next_logits(walking, tokens[walking])
+
+
+def refusal_openings(lm, markers: tuple[str, ...] | list[str] = REFUSAL_MARKERS) -> Openings:
+    """The markers as reply openings for `lm`, with end-of-turn (an empty reply) among them.
+
+    Each marker may follow a space: the generation judge strips the reply."""
+    sequences = [lm.reply_ids(text) for marker in markers for text in (marker, " " + marker)]
+    return Openings.build(sequences + [[i] for i in lm.end_of_turn_ids])
 
 
 def is_refusal(reply: str, markers: tuple[str, ...] | list[str] = REFUSAL_MARKERS) -> bool:

@@ -7,14 +7,17 @@ Layer convention, used everywhere: layer L is the output of decoder block L, i.e
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from refusal.errors import ConfigError
@@ -53,6 +56,16 @@ class LM:
     @property
     def blocks(self) -> torch.nn.ModuleList:
         return self.model.model.layers
+
+    @cached_property
+    def _cache_keyword(self) -> str:
+        # decoder blocks take the KV cache as `cache` from transformers 5.24, before that as
+        # `past_key_values`
+        return (
+            "cache"
+            if "cache" in inspect.signature(self.blocks[0].forward).parameters
+            else "past_key_values"
+        )
 
     def compile_blocks(self) -> None:
         """Have run_blocks (the engine's hot path) run each block through torch.compile.
@@ -94,6 +107,23 @@ class LM:
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def reply_ids(self, text: str) -> list[int]:
+        """Token ids of `text` as the opening of the assistant's reply, tokenized in context
+        (alone where its start would merge with the prompt's last token, e.g. whitespace)."""
+        prompt = self.format(["?"])[0]
+        head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+        if ids[: len(head)] != head:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[len(head) :]
+
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        """The tokens that end the assistant's turn: generation's EOS ids and the tokenizer's."""
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return sorted({*ids, self.tokenizer.eos_token_id} - {None})
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream entering block 0 (model-specific scaling included)."""
         return self.model.get_input_embeddings()(input_ids)
@@ -105,19 +135,29 @@ class LM:
         stop: int | None = None,
         attention_mask: torch.Tensor | None = None,
         edit: Edit | None = None,
+        cache: Cache | None = None,
+        past: int = 0,
     ) -> torch.Tensor:
         """Run blocks start..stop-1 on `hidden` (the input of block `start`).
 
         `edit(L, h)` is applied to the output of each block L run, so the result is the
         (edited) residual at layer stop-1. This mirrors the HF backbone's own loop, so a
-        run with no edit equals the model's forward pass.
+        run with no edit equals the model's forward pass. Blocks store their keys and
+        values in `cache`, if given; `past` > 0 continues a sequence of that many tokens
+        whose keys and values the cache holds for every block run (no padding).
         """
         backbone = self.model.model
         stop = self.n_layers if stop is None else stop
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        masks = _attention_masks(self.model.config, hidden, attention_mask, position_ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + past
+        masks = _attention_masks(
+            self.model.config,
+            hidden,
+            None if past else attention_mask,
+            position_ids,
+            cache if past else None,
+        )
         layer_types = (
             getattr(self.model.config, "layer_types", None) or ["full_attention"] * self.n_layers
         )
@@ -129,6 +169,7 @@ class LM:
                 attention_mask=masks[layer_types[layer]],
                 position_embeddings=rotary,
                 position_ids=position_ids,
+                **{self._cache_keyword: cache},
             )
             if edit is not None:
                 hidden = edit(layer, hidden)
@@ -141,9 +182,9 @@ class LM:
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _attention_masks(config, hidden, attention_mask, position_ids) -> dict:
+def _attention_masks(config, hidden, attention_mask, position_ids, cache=None) -> dict:
     # positional: the cache argument was renamed (past_key_values -> cache) within 5.x
-    args = (config, hidden, attention_mask, None, position_ids)
+    args = (config, hidden, attention_mask, cache, position_ids)
     masks = {"full_attention": create_causal_mask(*args)}
     if getattr(config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(*args)

@@ -59,7 +59,7 @@ class Run:
         """The generation judge: a safety classifier where configured, else refusal markers."""
         if self.classifier is not None:
             return not self.classifier.complies(instruction, reply)
-        return judge.is_refusal(reply, self.cfg.judge.markers or judge.REFUSAL_MARKERS)
+        return judge.is_refusal(reply, markers(self.cfg))
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
         return self.engine.generate([instruction], features, self.cfg.judge.max_new_tokens)[0]
@@ -97,6 +97,10 @@ def resuming(cfg: DictConfig) -> bool:
     return hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
 
 
+def markers(cfg: DictConfig) -> list[str] | tuple[str, ...]:
+    return cfg.judge.markers or judge.REFUSAL_MARKERS
+
+
 def setup(cfg: DictConfig) -> Run:
     torch.manual_seed(cfg.seed)
     validate(cfg)
@@ -111,6 +115,7 @@ def setup(cfg: DictConfig) -> Run:
         Ablation(**cfg.search.ablation),
         batch_size=cfg.search.batch_size,
         compile=cfg.search.compile,
+        openings=judge.refusal_openings(lm, markers(cfg)),
     )
     out = RunDir(cfg.paths.output_dir)
     if not resuming(cfg) and out.read(RESULTS):

@@ -6,7 +6,7 @@ import torch
 from benchmarks.ablation_throughput import hooked_scores
 from refusal import models
 from refusal.engine import Ablation, Feature
-from refusal.judge import refusal_score
+from refusal.judge import Openings, refusal_score
 from tests.conftest import make_cfg, tiny_engine
 
 PROMPT = "Explain how to pick a lock on a neighbour's front door."
@@ -22,17 +22,43 @@ def active_features(engine, cache, per_layer: int = 3) -> list[Feature]:
 
 
 def reference_scores(engine, features, masks) -> torch.Tensor:
-    """Full HF forward per mask, hooks splicing each SAE with sae-lens's own encode/decode."""
+    """HF forward and generate per mask, hooks splicing each SAE with sae-lens's own
+    encode/decode."""
     return hooked_scores(engine, PROMPT, features, masks, batch_size=1)
 
 
+def own_openings(lm, n: int = 4) -> Openings:
+    """Openings a random model's greedy reply walks deep into: its own first n tokens, and
+    each first token's runner-up after the first (so paths both finish and leave)."""
+    batch = lm.tokenize([PROMPT])
+    out = lm.model.generate(
+        **batch,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    reply = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
+    runner_up = int(out.logits[1][0].topk(2).indices[1])
+    return Openings.build([reply, [reply[0], runner_up, reply[2]]])
+
+
+@pytest.mark.parametrize("openings", ["markers", "own"])
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
 @pytest.mark.parametrize(
-    "ablation", [Ablation(), Ablation(mode="scale", scale=-2.0)], ids=["zero", "clamp"]
+    "ablation",
+    [Ablation(), Ablation(mode="scale", scale=-2.0), Ablation(positions="prompt")],
+    ids=["zero", "clamp", "prompt-only"],
 )
-def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation):
+def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation, openings):
     engine = tiny_engine(
-        tiny_lm, layers=(1, 2), architecture=architecture, ablation=ablation, batch_size=3
+        tiny_lm,
+        layers=(1, 2),
+        architecture=architecture,
+        ablation=ablation,
+        batch_size=3,
+        openings=own_openings(tiny_lm) if openings == "own" else None,
     )
     cache = engine.prepare(PROMPT)
     features = active_features(engine, cache)
@@ -41,18 +67,20 @@ def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation):
     )
     ours = engine.score(cache, features, masks)
     expected = reference_scores(engine, features, masks)
+    if openings == "own":
+        assert (ours > 0).any()  # some rows walked a whole opening
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     assert ours[1] != pytest.approx(ours[0])  # the ablation did change something
     assert engine.evals == len(masks)
 
 
 def test_empty_mask_is_the_clean_model(tiny_lm):
-    engine = tiny_engine(tiny_lm)
+    engine = tiny_engine(tiny_lm, openings=own_openings(tiny_lm))
     cache = engine.prepare(PROMPT)
-    logits = tiny_lm.model(**tiny_lm.tokenize([PROMPT])).logits[:, -1]
-    clean = refusal_score(logits, engine.refusal_ids).item()
-    assert cache.score == pytest.approx(clean, abs=1e-4)
     features = active_features(engine, cache)
+    clean = reference_scores(engine, features, torch.zeros(1, len(features))).item()
+    assert clean > 0  # the clean greedy reply is an opening: the walk went to its end
+    assert cache.score == pytest.approx(clean, abs=1e-4)
     assert engine.score(cache, features, torch.zeros(1, len(features))).item() == pytest.approx(
         clean, abs=1e-4
     )
@@ -104,6 +132,7 @@ def test_generate_without_features_is_plain_greedy(tiny_llama):
 def test_generation_edit_matches_scoring_edit(tiny_llama):
     """The hooked generation path applies the same edit: its first token's logits agree."""
     engine = tiny_engine(tiny_llama)
+    engine.openings = Openings.build([[i] for i in engine.refusal_ids])  # first token only
     cache = engine.prepare(PROMPT)
     features = active_features(engine, cache)
     edit = engine.feature_edit(features)
@@ -128,13 +157,18 @@ def test_nan_in_activations_names_the_layer():
 
 @pytest.mark.slow
 def test_compiled_blocks_score_as_the_plain_ones():
-    """search.compile=true runs the engine's blocks through torch.compile: same scores."""
-    plain = tiny_engine(models.load(make_cfg(["model=tiny_llama"]).model, seed=0))
-    compiled = tiny_engine(models.load(make_cfg(["model=tiny_llama"]).model, seed=0), compile=True)
+    """search.compile=true runs the engine's blocks through torch.compile, decoding through
+    the KV cache too: same scores."""
+    lms = [models.load(make_cfg(["model=tiny_llama"]).model, seed=0) for _ in range(2)]
+    openings = own_openings(lms[0])
+    plain = tiny_engine(lms[0], openings=openings)
+    compiled = tiny_engine(lms[1], compile=True, openings=openings)
     feats = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
     masks = torch.bernoulli(
         torch.full((8, len(feats)), 0.5), generator=torch.Generator().manual_seed(0)
     )
-    scores = [e.score(e.prepare("How do I pick a lock?"), feats, masks) for e in (plain, compiled)]
+    masks[0] = 0  # the clean reply: a whole opening
+    scores = [e.score(e.prepare(PROMPT), feats, masks) for e in (plain, compiled)]
     assert compiled.lm.compiled is not None
+    assert (scores[0] > 0).any()  # some rows decoded a whole opening
     assert torch.allclose(*scores, atol=1e-4)

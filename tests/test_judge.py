@@ -24,6 +24,47 @@ def test_refusal_score_sign_is_the_greedy_first_token():
     assert greedy_refuses.any() and (~greedy_refuses).any()
 
 
+def test_opening_score_follows_greedy_decoding_through_the_trie():
+    """Sign: the greedy reply opens with a whole opening; value: the path's closest margin."""
+    vocab, rows, openings = 6, 512, [[1, 2], [1, 3, 4], [5]]
+    trie = judge.Openings.build(openings)
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.randn(trie.depth, rows, vocab, generator=gen) * 2
+    steps[:, :, 1] += 1.5  # walk deep often enough that every outcome occurs
+    taken = []
+
+    def next_logits(keep, tokens):
+        taken.append(len(tokens))
+        return steps[len(taken)][torch.arange(rows)[walking(len(taken))]]
+
+    def walking(step):  # the rows whose greedy prefix of `step` tokens is inside the trie
+        greedy = steps[:step].argmax(-1).T.tolist()
+        return torch.tensor(
+            [any(o[:step] == g and len(o) > step for o in openings) for g in greedy]
+        )
+
+    scores = trie.score(steps[0], next_logits)
+    greedy = steps.argmax(-1).T.tolist()
+    opens = torch.tensor([any(g[: len(o)] == o for o in openings) for g in greedy])
+    assert torch.equal(scores > 0, opens)
+    assert 0 < opens.sum() < rows and taken[0] < rows  # walks both finish and leave early
+    # a row refusing with [5] at once scores its margin over the tokens leaving the trie
+    row = next(i for i, g in enumerate(greedy) if g[0] == 5)
+    margin = steps[0, row, 5] - steps[0, row, [0, 2, 3, 4]].max()
+    assert scores[row].item() == pytest.approx(margin.item())
+
+
+def test_refusal_openings_are_the_markers_in_reply_context(tiny_llama):
+    trie = judge.refusal_openings(tiny_llama, ["I'm sorry", "I cannot"])
+    first = tiny_llama.reply_ids("I")[0]
+    assert trie.child_ids[0].tolist().count(first) >= 1
+    assert trie.depth == len(tiny_llama.reply_ids("I'm sorry"))
+    # end of turn (an empty reply) is a whole opening
+    eot = tiny_llama.end_of_turn_ids[0]
+    node = trie.child_node[0][trie.child_ids[0].tolist().index(eot)]
+    assert trie.complete[node]
+
+
 @pytest.mark.parametrize(
     "reply,refused",
     [

@@ -330,12 +330,23 @@ def test_objective_is_a_float_a_sweeper_can_rank():
 def flipping(tmp_path_factory) -> tuple[float, str]:
     """A threshold and a refusal marker under which the tiny model refuses a prompt and
     ablating its minimal set verifiably flips it (its clean reply is the marker)."""
-    out = tmp_path_factory.mktemp("probe")
-    pipeline.run(make_cfg([*TINY, "logger=none", "judge.threshold=-1000"], out))
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    def probe(*markers: str) -> list[dict]:
+        out = tmp_path_factory.mktemp("probe")
+        cfg = make_cfg([*TINY, "logger=none", "judge.threshold=-1000"], out)
+        with open_dict(cfg):
+            cfg.judge.markers = list(markers) or cfg.judge.markers
+        pipeline.run(cfg)
+        return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    rows = probe()
     search = next(r for r in rows if r["stage"] == "search" and r["greedy"])
-    reply = next(r["reply"] for r in rows if r["prompt_id"] == search["prompt_id"])
-    return (search["clean_score"] + search["greedy"]["score"]) / 2, reply.strip()
+    marker = next(r["reply"] for r in rows if r["prompt_id"] == search["prompt_id"]).strip()
+    # the opening score reads the markers: place the threshold on their scores
+    search = next(
+        r for r in probe(marker) if r["stage"] == "search" and r["prompt_id"] == search["prompt_id"]
+    )
+    return (search["clean_score"] + search["greedy"]["score"]) / 2, marker
 
 
 @pytest.mark.slow
