@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from sae_lens import SAE, JumpReLUSAE, StandardSAE
-from transformers.cache_utils import DynamicCache
 
 from refusal.errors import NumericsError
 from refusal.judge import Openings, refusal_openings, refusal_score
-from refusal.models import LM, Edit
+from refusal.models import LM, Edit, KVCache
 
 
 @dataclass(frozen=True, order=True)
@@ -65,7 +64,7 @@ class PromptCache:
     input_ids: torch.Tensor  # (1, T)
     hidden: torch.Tensor  # (1, T, d): residual at layer `start`, before any edit
     latents: torch.Tensor  # (T, d_sae): the first SAE's latents on `hidden`
-    kv: DynamicCache  # keys and values of blocks 0..start
+    kv: KVCache  # keys and values of blocks 0..start
     score: float  # clean opening score
 
 
@@ -167,7 +166,7 @@ class Engine:
     def prepare(self, instruction: str) -> PromptCache:
         """Run the prompt to the first SAE layer once; check numerics on a clean pass."""
         batch = self.lm.tokenize([instruction])
-        kv = DynamicCache()
+        kv = KVCache()
         h = self.lm.run_blocks(
             self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite, cache=kv
         )
@@ -200,7 +199,7 @@ class Engine:
         return self._opening_scores(h[:, -1], features, masks, kv).cpu()
 
     def _opening_scores(
-        self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: DynamicCache
+        self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: KVCache
     ) -> torch.Tensor:
         """Opening scores from the final residual `last` (B, d) of prompts whose keys and
         values `kv` holds, decoding greedy tokens under each row's mask (judge.Openings)."""
@@ -229,27 +228,38 @@ class Engine:
     ) -> int:
         """Set the batch size to the largest that fits and still speeds scoring up.
 
-        Doubles from 1, timing one batch of random masks at each size after two warm-ups
-        (compiled blocks may specialise on a new size more than once); stops at the first
-        size that gains less than `min_gain` or runs out of memory.
+        Doubles from 1, timing nested batches of one set of random masks (the best of two
+        runs after two warm-ups: compiled blocks may specialise on a new size more than
+        once); stops after two sizes in a row that gain less than `min_gain`, or at out of
+        memory. Rows that walk a refusal opening cost decode steps, so one noisy size must
+        not end the search.
         """
-        best_rate, best, size = 0.0, 1, 1
         gen = torch.Generator().manual_seed(0)
-        while size <= max_batch:
-            masks = torch.bernoulli(torch.full((size, len(features)), 0.5), generator=gen)
+        masks = torch.bernoulli(torch.full((max_batch, len(features)), 0.5), generator=gen)
+        masks = masks.to(self.lm.device)
+        best_rate, best, size, misses = 0.0, 1, 1, 0
+        while size <= max_batch and misses < 2:
             try:
+                chunk = masks[:size]
                 for _ in range(2):
-                    self._score_chunk(cache, features, masks.to(self.lm.device))
-                began = time.perf_counter()
-                self._score_chunk(cache, features, masks.to(self.lm.device))
-                rate = size / (time.perf_counter() - began)
+                    self._score_chunk(cache, features, chunk)
+                rate = size / min(self._timed_chunk(cache, features, chunk) for _ in range(2))
             except torch.OutOfMemoryError:
                 break
-            if rate < best_rate * (1 + min_gain):
-                break
-            best_rate, best, size = rate, size, size * 2
+            if rate >= best_rate * (1 + min_gain):
+                best_rate, best, misses = rate, size, 0
+            else:
+                misses += 1
+            size *= 2
         self.batch_size = best
         return best
+
+    def _timed_chunk(self, cache: PromptCache, features: list[Feature], masks) -> float:
+        began = time.perf_counter()
+        self._score_chunk(cache, features, masks)
+        if masks.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - began
 
     def _batched(
         self, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]

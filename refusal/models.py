@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from refusal.errors import ConfigError
@@ -74,6 +74,9 @@ class LM:
         activations, residual adds) that eager mode runs kernel by kernel; compiling fuses
         it. HF generate keeps the plain blocks, hooks and all.
         """
+        # Blocks differ in their layer_idx, which indexes the KV cache: as a static int it
+        # would specialise one graph per block until the recompile limit falls back to eager.
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
         self.compiled = [torch.compile(block, dynamic=True) for block in self.blocks]
 
     def check_layer(self, layer: int) -> int:
@@ -180,6 +183,15 @@ class LM:
         logits = self.model.lm_head(self.model.model.norm(last_hidden))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class KVCache(DynamicCache):
+    """HF's dynamic KV cache, its updates run outside torch.compile: compiled blocks would
+    guard on its growing lists and strides and recompile at every block and length."""
+
+    @torch.compiler.disable
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)
 
 
 def _attention_masks(config, hidden, attention_mask, position_ids, cache=None) -> dict:
