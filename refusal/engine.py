@@ -228,17 +228,15 @@ class Engine:
     ) -> int:
         """Set the batch size to the largest that fits and still speeds scoring up.
 
-        Doubles from 1, timing nested batches of one set of random masks (the best of two
-        runs after two warm-ups: compiled blocks may specialise on a new size more than
-        once); stops after two sizes in a row that gain less than `min_gain`, or at out of
-        memory. Rows that walk a refusal opening cost decode steps, so one noisy size must
-        not end the search.
+        Doubles from 1, timing batches of the empty mask (the best of two runs after two
+        warm-ups: compiled blocks may specialise on a new size more than once); stops at the
+        first size that gains less than `min_gain` or runs out of memory. Every row
+        then costs the same, the prompt's own reply decoded through the refusal openings,
+        so sizes compare fairly; random masks would leave the trie at random rows.
         """
-        gen = torch.Generator().manual_seed(0)
-        masks = torch.bernoulli(torch.full((max_batch, len(features)), 0.5), generator=gen)
-        masks = masks.to(self.lm.device)
-        best_rate, best, size, misses = 0.0, 1, 1, 0
-        while size <= max_batch and misses < 2:
+        masks = torch.zeros(max_batch, len(features), device=self.lm.device)
+        best_rate, best, size = 0.0, 1, 1
+        while size <= max_batch:
             try:
                 chunk = masks[:size]
                 for _ in range(2):
@@ -246,11 +244,9 @@ class Engine:
                 rate = size / min(self._timed_chunk(cache, features, chunk) for _ in range(2))
             except torch.OutOfMemoryError:
                 break
-            if rate >= best_rate * (1 + min_gain):
-                best_rate, best, misses = rate, size, 0
-            else:
-                misses += 1
-            size *= 2
+            if rate < best_rate * (1 + min_gain):
+                break
+            best_rate, best, size = rate, size, size * 2
         self.batch_size = best
         return best
 
