@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import wandb
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
@@ -83,6 +84,9 @@ def _nest(flat: dict) -> dict:
 
 def read_wandb_run(run_dir: Path) -> SimpleNamespace:
     """Everything an offline run logged: identity, config, history rows, summary, exit."""
+    # run.finish() only informs the W&B service, which closes the run file later; its
+    # teardown waits for every stream to be written out.
+    wandb.teardown()
     (run_file,) = run_dir.glob("run-*.wandb")
     run = SimpleNamespace(dir=run_dir, config={}, history=[], summary={}, exit_code=None)
     for record in wandb_records(run_file):
