@@ -151,6 +151,7 @@ class Engine:
         batch_size: int = 64,
         compile: bool = False,
         openings: Openings | None = None,
+        tune: bool = False,
     ):
         self.lm, self.saes, self.refusal_ids, self.ablation = lm, saes, refusal_ids, ablation
         self.openings = openings or refusal_openings(lm)
@@ -158,6 +159,7 @@ class Engine:
             lm.compile_blocks()
         self.start = min(saes)
         self.batch_size = batch_size
+        self.tune = tune  # tune the batch size on the first masks scored, then keep it
         self.evals = 0  # masks scored so far, for reporting
 
     # -- per-prompt cache and the hot loop ---------------------------------------------
@@ -184,6 +186,9 @@ class Engine:
         masks = torch.as_tensor(masks, device=self.lm.device)
         if masks.ndim == 1:
             masks = masks.unsqueeze(0)
+        if self.tune:
+            self.tune = False
+            self.tune_batch_size(cache, features)
         scores = self._batched(masks, lambda chunk: self._score_chunk(cache, features, chunk))
         self.evals += len(masks)
         return scores

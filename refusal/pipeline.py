@@ -87,6 +87,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value} is not one of {list(choices)}.")
+    size = cfg.search.batch_size
+    if size != "auto" and not (isinstance(size, int) and size > 0):
+        raise ConfigError(f"search.batch_size={size} is neither a positive integer nor auto.")
 
 
 def resuming(cfg: DictConfig) -> bool:
@@ -108,14 +111,17 @@ def setup(cfg: DictConfig) -> Run:
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
         sae_by_layer = saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed)
+    auto_batch = cfg.search.batch_size == "auto"
     engine = Engine(
         lm,
         sae_by_layer,
         judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens)),
         Ablation(**cfg.search.ablation),
-        batch_size=cfg.search.batch_size,
+        # "auto": 64 for the batched full forwards until the first masks scored tune it
+        batch_size=64 if auto_batch else cfg.search.batch_size,
         compile=cfg.search.compile,
         openings=judge.refusal_openings(lm, markers(cfg)),
+        tune=auto_batch,
     )
     out = RunDir(cfg.paths.output_dir)
     if not resuming(cfg) and out.read(RESULTS):
@@ -322,6 +328,7 @@ def summarize(run: Run, rows: list[dict], searched: list[dict], selection, start
         if selection is None
         else {"layer": selection.layer, "position": selection.position},
         "evals_per_s": evals / seconds if seconds else None,
+        "batch_size": run.engine.batch_size,  # as tuned, or halved on out-of-memory
         "seconds_per_prompt": [s["seconds"] for s in searched],
         "median_seconds_per_prompt": median(s["seconds"] for s in searched) if searched else None,
         "wall_seconds": time.time() - started,

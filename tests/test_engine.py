@@ -117,6 +117,20 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
     torch.testing.assert_close(got, expected)
 
 
+def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):
+    fixed = tiny_engine(tiny_llama, batch_size=4)
+    tuned = tiny_engine(tiny_llama, batch_size=4, tune=True)
+    cache = fixed.prepare(PROMPT)
+    features = active_features(fixed, cache)
+    masks = torch.randint(0, 2, (12, len(features))).float()
+    got = tuned.score(cache, features, masks)
+    size = tuned.batch_size
+    assert not tuned.tune and size & (size - 1) == 0 and size <= 1024  # a power of two
+    torch.testing.assert_close(got, fixed.score(cache, features, masks), rtol=0, atol=1e-4)
+    tuned.score(cache, features, masks)
+    assert tuned.batch_size == size  # tuned once, then kept
+
+
 def test_generate_without_features_is_plain_greedy(tiny_llama):
     engine = tiny_engine(tiny_llama)
     batch = tiny_llama.tokenize([PROMPT])

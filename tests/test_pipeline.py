@@ -36,7 +36,9 @@ def parse_feature(text: str) -> Feature:
 def threshold(tmp_path_factory) -> float:
     """A refusal threshold between the tiny model's clean score and its all-candidates score."""
     out = tmp_path_factory.mktemp("probe")
-    pipeline.run(make_cfg([*BASE, "judge.threshold=-1000"], out))
+    pipeline.run(make_cfg([*BASE, "judge.threshold=-1000", "search.batch_size=auto"], out))
+    size = json.loads((out / "summary.json").read_text())["batch_size"]
+    assert size & (size - 1) == 0, "auto tunes the batch size to a power of two"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     searched = [r for r in rows if r["stage"] == "search" and r["greedy"]]
     search = min(searched, key=lambda r: r["greedy"]["score"] - r["clean_score"])
@@ -59,6 +61,7 @@ def test_every_stage_runs_end_to_end(tmp_path, threshold):
         "fm_heldout_auc",
         "harmless_kl",
         "n_dormant",
+        "batch_size",
         "wall_seconds",
         "seed",
         "versions",

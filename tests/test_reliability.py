@@ -157,6 +157,8 @@ OVERRIDES = st.lists(
             "judge.refusal_tokens=['I am']",
             "search.candidates.top_k=0",
             "search.fm.n_masks=1",
+            "search.batch_size=auto",
+            "search.batch_size=0",
             "seed=3",
         ]
     ),
