@@ -3,8 +3,8 @@
 Works on any probe that scores feature masks (the engine bound to one prompt, or a
 synthetic oracle in tests). Each step scores all single removals as one batch; the
 removable features are then dropped together, as many as still flip (one more
-batch of prefixes). The final step's single removals all restore refusal, so every
-returned set is verified 1-minimal, never assumed.
+batch, of prefixes at geometric sizes). The final step's single removals all restore
+refusal, so every returned set is verified 1-minimal, never assumed.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def minimal_set(probe: Probe, features: list[Feature], threshold: float) -> Gree
         order = [i for _, i in removable]
         drop, result.score = order[:1], removable[0][0]
         if len(order) > 1:  # drop the least needed features together, as many as still flip
-            prefix = scores([[*gone, *order[: j + 1]] for j in range(1, len(order))])
-            flipping = [(j + 2, s) for j, s in enumerate(prefix) if s < threshold]
+            sizes = prefix_sizes(len(order))
+            prefix = scores([[*gone, *order[:size]] for size in sizes])
+            flipping = [(size, s) for size, s in zip(sizes, prefix) if s < threshold]
             if flipping:
                 size, result.score = flipping[-1]
                 drop = order[:size]
@@ -77,6 +78,17 @@ def minimal_set(probe: Probe, features: list[Feature], threshold: float) -> Gree
     result.minimal = [features[i] for i in kept]
     result.one_minimal = True
     return result
+
+
+def prefix_sizes(n: int) -> list[int]:
+    """Prefix sizes 2..n to try dropping together: dense at both ends, geometric between.
+
+    The largest flipping prefix is what matters, and it usually lies near n (all but a few
+    removable features) or near 2; about 4·log2(n) masks stand in for n - 1, and features
+    a coarse step leaves behind go in the next step's single removals.
+    """
+    steps = [2**k for k in range(n.bit_length())]
+    return sorted({s for s in [*steps, n] if s >= 2} | {n - s for s in steps if n - s >= 2})
 
 
 def _removed(n: int, kept: list[int]) -> list[int]:

@@ -10,6 +10,7 @@ import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from importlib.metadata import version
 from statistics import median
 
@@ -63,6 +64,15 @@ class Run:
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
         return self.engine.generate([instruction], features, self.cfg.judge.max_new_tokens)[0]
+
+    @property
+    def capability_prompts(self) -> list[str]:
+        return self.prompts.harmless_val[: self.cfg.search.capability.n_prompts]
+
+    @cached_property
+    def capability_logits(self) -> torch.Tensor:
+        """Clean first-token logits on the capability prompts: the same for every prompt."""
+        return self.engine.first_token_logits(self.capability_prompts)
 
     def done(self, stage: str) -> dict[int, dict]:
         """Rows already written for a stage, by prompt id (all of them on resume)."""
@@ -303,10 +313,9 @@ def interactions(
 
 def harmless_kl(run: Run, features: list[Feature]) -> float:
     """Capability cost: mean first-token KL on harmless val prompts with the set ablated."""
-    prompts = run.prompts.harmless_val[: run.cfg.search.capability.n_prompts]
-    clean = run.engine.first_token_logits(prompts)
-    ablated = run.engine.first_token_logits(prompts, run.engine.feature_edit(features))
-    return direction.first_token_kl(clean, ablated).mean().item()
+    edit = run.engine.feature_edit(features)
+    ablated = run.engine.first_token_logits(run.capability_prompts, edit)
+    return direction.first_token_kl(run.capability_logits, ablated).mean().item()
 
 
 def summarize(run: Run, rows: list[dict], searched: list[dict], selection, started: float) -> dict:

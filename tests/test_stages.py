@@ -44,6 +44,26 @@ def test_greedy_recovers_planted_minimal_set():
     assert result.batches < sequential.batches
 
 
+def test_prefix_sizes_are_few_and_reach_both_ends():
+    assert greedy.prefix_sizes(5) == [2, 3, 4, 5]  # small steps try every size
+    for n in (2, 9, 31, 127, 1000):
+        sizes = greedy.prefix_sizes(n)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 2 and sizes[-1] == n
+        assert {n - 1, n - 2} & set(range(2, n)) <= set(sizes)  # fine where sets end up
+        assert len(sizes) <= 2 * n.bit_length()
+
+
+def test_greedy_drops_a_whole_block_in_one_coarse_step():
+    """128 candidates, only three needed: one single-removal batch and one prefix batch
+    reach the planted set, with far fewer masks than scanning every prefix."""
+    features = [Feature(1, i) for i in range(128)]
+    planted = {features[5], features[60], features[99]}
+    oracle = Oracle(lambda s: -1.0 if planted <= s else 1.0)
+    result = greedy.minimal_set(oracle, features, threshold=0.0)
+    assert set(result.minimal) == planted and result.one_minimal
+    assert result.evals < 1 + 128 + 30 + 3 + 2  # full, singles, coarse prefixes, last singles
+
+
 def test_greedy_reports_no_flip():
     result = greedy.minimal_set(Oracle(lambda s: 1.0), FEATURES, threshold=0.0)
     assert not result.flips_all and result.minimal == [] and result.evals == 1
