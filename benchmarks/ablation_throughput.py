@@ -198,10 +198,12 @@ def pick_features(engine: Engine, cache, n: int) -> list[Feature]:
 
 
 def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
-    """Masks from sparse to dense: row r ablates each feature with probability r/n."""
+    """Distinct masks from sparse to dense: row r ablates each feature with probability
+    r/n (repeats dropped, since the engine scores a repeated row once)."""
     gen = torch.Generator().manual_seed(seed)
     p = torch.linspace(0, 1, n).unsqueeze(1).expand(n, n_features)
-    return torch.bernoulli(p, generator=gen)
+    rows = {tuple(row): None for row in torch.bernoulli(p, generator=gen).tolist()}
+    return torch.tensor(list(rows))
 
 
 def refusal_directions(engine: Engine, cfg: DictConfig) -> torch.Tensor:

@@ -182,16 +182,20 @@ class Engine:
     def score(
         self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
     ) -> torch.Tensor:
-        """Opening refusal score for each mask row (masks: (B, len(features)) in {0,1})."""
+        """Opening refusal score for each mask row (masks: (B, len(features)) in {0,1}).
+
+        A row repeated (the FM's random masks repeat a few percent) is scored once.
+        """
         masks = torch.as_tensor(masks, device=self.lm.device)
         if masks.ndim == 1:
             masks = masks.unsqueeze(0)
         if self.tune:
             self.tune = False
             self.tune_batch_size(cache, features)
-        scores = self._batched(masks, lambda chunk: self._score_chunk(cache, features, chunk))
-        self.evals += len(masks)
-        return scores
+        distinct, row = torch.unique(masks, dim=0, return_inverse=True)
+        scores = self._batched(distinct, lambda chunk: self._score_chunk(cache, features, chunk))
+        self.evals += len(distinct)
+        return scores[row.cpu()]
 
     def _score_chunk(
         self, cache: PromptCache, features: list[Feature], masks: torch.Tensor

@@ -103,7 +103,8 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
     engine = tiny_engine(tiny_llama, batch_size=8)
     cache = engine.prepare(PROMPT)
     features = active_features(engine, cache)
-    expected = engine.score(cache, features, torch.ones(5, len(features)))
+    masks = 1 - torch.eye(5, len(features))
+    expected = engine.score(cache, features, masks)
     real = engine._score_chunk
 
     def flaky(cache, features, masks):
@@ -112,9 +113,21 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
         return real(cache, features, masks)
 
     monkeypatch.setattr(engine, "_score_chunk", flaky)
-    got = engine.score(cache, features, torch.ones(5, len(features)))
+    got = engine.score(cache, features, masks)
     assert engine.batch_size == 2
     torch.testing.assert_close(got, expected)
+
+
+def test_a_repeated_mask_is_scored_once(tiny_llama):
+    engine = tiny_engine(tiny_llama)
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    distinct = torch.randint(0, 2, (6, len(features))).float().unique(dim=0)
+    order = torch.tensor([2, 0, 2, 1, 0, 2]) % len(distinct)
+    expected = engine.score(cache, features, distinct)
+    before = engine.evals
+    torch.testing.assert_close(engine.score(cache, features, distinct[order]), expected[order])
+    assert engine.evals - before == len(order.unique())
 
 
 def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):
