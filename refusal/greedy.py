@@ -84,7 +84,7 @@ def prefix_sizes(n: int) -> list[int]:
     """Prefix sizes 2..n to try dropping together: dense at both ends, geometric between.
 
     The largest flipping prefix is what matters, and it usually lies near n (all but a few
-    removable features) or near 2; about 4·log2(n) masks stand in for n - 1, and features
+    removable features) or near 2; about 2·log2(n) masks stand in for n - 1, and features
     a coarse step leaves behind go in the next step's single removals.
     """
     steps = [2**k for k in range(n.bit_length())]
