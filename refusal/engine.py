@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from sae_lens import SAE, JumpReLUSAE, StandardSAE
 
+from refusal.allocator import keep_freed_memory
 from refusal.errors import NumericsError
 from refusal.judge import Openings, refusal_openings, refusal_score
 from refusal.models import LM, Edit, KVCache
@@ -157,6 +158,8 @@ class Engine:
         self.openings = openings or refusal_openings(lm)
         if compile:
             lm.compile_blocks()
+        if lm.device.type == "cpu":
+            keep_freed_memory()
         self.start = min(saes)
         self.batch_size = batch_size
         self.tune = tune  # tune the batch size on the first masks scored, then keep it

@@ -1,5 +1,9 @@
 """The engine's scores equal a plain hooked full forward with sae-lens's own splice."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -199,3 +203,31 @@ def test_compiled_blocks_score_as_the_plain_ones():
     assert compiled.lm.compiled is not None
     assert (scores[0] > 0).any()  # some rows decoded a whole opening
     assert torch.allclose(*scores, atol=1e-4)
+
+
+# Ten batches of three 20 MB activations, freed and allocated again: page faults counted
+# after a first batch, in a fresh process, with or without the allocator setting.
+REALLOCATIONS = """
+import resource, sys, torch
+from refusal.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def batch():
+    _ = [torch.ones(20 * 2**18) for _ in range(3)]
+batch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    batch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_activations_are_kept_for_reuse_not_faulted_in_again():
+    def faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", REALLOCATIONS, mode], capture_output=True, text=True, check=True
+        )
+        return int(run.stdout)
+
+    assert faults("keep") < faults("default") / 2
