@@ -201,14 +201,30 @@ class Engine:
         return scores[row.cpu()]
 
     def _score_chunk(
-        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
+        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor, share: bool = True
     ) -> torch.Tensor:
-        edit = MaskEdit(self, features, masks, first_latents=cache.latents)
-        h = edit(self.start, cache.hidden.expand(len(masks), -1, -1))
+        """Scores of a batch of masks. Rows that ablate the same features up to an SAE
+        layer run the blocks before it once: the batch branches at each SAE layer into
+        the distinct masks so far (greedy's single removals and the dormant checks differ
+        only late). share=False runs every row through every block, as the FM's random
+        masks do anyway."""
         kv = copy.deepcopy(cache.kv)
-        kv.batch_repeat_interleave(len(masks))
-        h = self.lm.run_blocks(h, self.start + 1, edit=edit, cache=kv)
-        return self._opening_scores(h[:, -1], features, masks, kv).cpu()
+        h = cache.hidden  # one state, the clean prompt; state[r]: row r's state in h
+        state = torch.zeros(len(masks), dtype=torch.long, device=masks.device)
+        own = torch.arange(len(masks), device=masks.device)[:, None]  # share=False: one each
+        layers = sorted(self.saes)
+        for layer, stop in zip(layers, [*layers[1:], self.lm.n_layers - 1]):
+            cols = [i for i, f in enumerate(features) if f.layer == layer]
+            key = torch.cat([state[:, None], masks[:, cols].long(), *([] if share else [own])], 1)
+            _, state, first = _unique_rows(key)
+            parent = key[first, 0]  # the state each new one branches from
+            if len(parent) != len(h) or parent.ne(torch.arange(len(h), device=h.device)).any():
+                h = h[parent]
+                kv.batch_select_indices(parent)
+            edit = MaskEdit(self, features, masks[first], first_latents=cache.latents)
+            h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
+        rows = _unique_rows(state[:, None])[2]  # a row of each final state, in state order
+        return self._opening_scores(h[:, -1], features, masks[rows], kv)[state].cpu()
 
     def _opening_scores(
         self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: KVCache
@@ -244,7 +260,8 @@ class Engine:
         warm-ups: compiled blocks may specialise on a new size more than once); stops at the
         first size that gains less than `min_gain` or runs out of memory. Every row
         then costs the same, the prompt's own reply decoded through the refusal openings,
-        so sizes compare fairly; random masks would leave the trie at random rows.
+        so sizes compare fairly; random masks would leave the trie at random rows. The rows
+        share no blocks, as the FM's random masks seldom do.
         """
         masks = torch.zeros(max_batch, len(features), device=self.lm.device)
         best_rate, best, size = 0.0, 1, 1
@@ -252,7 +269,7 @@ class Engine:
             try:
                 chunk = masks[:size]
                 for _ in range(2):
-                    self._score_chunk(cache, features, chunk)
+                    self._score_chunk(cache, features, chunk, share=False)
                 rate = size / min(self._timed_chunk(cache, features, chunk) for _ in range(2))
             except torch.OutOfMemoryError:
                 break
@@ -264,7 +281,7 @@ class Engine:
 
     def _timed_chunk(self, cache: PromptCache, features: list[Feature], masks) -> float:
         began = time.perf_counter()
-        self._score_chunk(cache, features, masks)
+        self._score_chunk(cache, features, masks, share=False)
         if masks.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - began
@@ -416,6 +433,15 @@ class Engine:
         finally:
             for handle in [*handles, last]:
                 handle.remove()
+
+
+def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct rows of `key` (sorted), each row's index among them, and the first row
+    holding each."""
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(distinct),), len(key), device=key.device)
+    return distinct, inverse, first.scatter_reduce(0, inverse, rows, "amin")
 
 
 def _check_finite(layer: int, h: torch.Tensor) -> torch.Tensor:

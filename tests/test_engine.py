@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.ablation_throughput import hooked_scores
 from refusal import models
@@ -132,6 +133,23 @@ def test_a_repeated_mask_is_scored_once(tiny_llama):
     before = engine.evals
     torch.testing.assert_close(engine.score(cache, features, distinct[order]), expected[order])
     assert engine.evals - before == len(order.unique())
+
+
+def test_rows_that_differ_late_share_the_blocks_before(tiny_llama):
+    """Greedy's single removals: rows that keep every layer-1 feature ablated run blocks
+    2..3 once, branching at layer 3, and score as when every row runs alone."""
+    engine = tiny_engine(tiny_llama, layers=(1, 3))
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)  # three at layer 1, then three at layer 3
+    masks = 1 - torch.eye(len(features) + 1, len(features))
+    flops = {}
+    for share in (True, False):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            scores = engine._score_chunk(cache, features, masks, share=share)
+        flops[share] = counter.get_total_flops()
+        torch.testing.assert_close(scores, reference_scores(engine, features, masks))
+    # 7 rows, 4 distinct at layer 1: blocks 2..3 run for 4 rows instead of 7
+    assert flops[True] < 0.8 * flops[False]
 
 
 def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):
