@@ -1,6 +1,7 @@
 """The engine's scores equal a plain hooked full forward with sae-lens's own splice."""
 
 import platform
+import resource
 import subprocess
 import sys
 
@@ -223,18 +224,17 @@ def test_compiled_blocks_score_as_the_plain_ones():
     assert torch.allclose(*scores, atol=1e-4)
 
 
-# Ten batches of three 20 MB activations, freed and allocated again: page faults counted
-# after a first batch, in a fresh process, with or without the allocator setting.
+# Thirty batches of three 20 MB activations, freed and allocated again, after a first batch:
+# the pages faulted in, in a fresh process.
 REALLOCATIONS = """
-import resource, sys, torch
+import resource, torch
 from refusal.allocator import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+assert keep_freed_memory()
 def batch():
     _ = [torch.ones(20 * 2**18) for _ in range(3)]
 batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(30):
     batch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -242,10 +242,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activations_are_kept_for_reuse_not_faulted_in_again():
-    def faults(mode: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", REALLOCATIONS, mode], capture_output=True, text=True, check=True
-        )
-        return int(run.stdout)
-
-    assert faults("keep") < faults("default") / 2
+    """The heap may grow once more, never batch after batch. (glibc's defaults fault in
+    2-7 batches' worth in ten, depending on how its adaptive thresholds move.)"""
+    run = subprocess.run(
+        [sys.executable, "-c", REALLOCATIONS], capture_output=True, text=True, check=True
+    )
+    batch_pages = 3 * 20 * 2**20 // resource.getpagesize()
+    assert int(run.stdout) < 2 * batch_pages
