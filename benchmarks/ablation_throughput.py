@@ -185,8 +185,10 @@ def matmul_peak(
 
 
 def flops_per_eval(engine: Engine, cache, features, masks: torch.Tensor) -> float:
+    """Mean FLOPs of scoring one of `masks` (distinct rows), as the timed run scored them:
+    in batches, rows that agree on the early layers sharing those blocks."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        engine._score_chunk(cache, features, masks.to(engine.lm.device))
+        engine.score(cache, features, masks)
     return counter.get_total_flops() / len(masks)
 
 
@@ -347,7 +349,7 @@ def run(overrides: list[str], settings: dict) -> dict:
     eval_prompts = data.load_source(cfg.data.eval)
     agreed = flip_agreement(engine, cfg, eval_prompts[settings["prompt"] :], directions, settings)
     greedy_cmp = greedy_comparison(engine, cfg, eval_prompts[: settings["n_greedy"]], directions)
-    flop_eval = flops_per_eval(engine, cache, features, masks[:batch])
+    flop_eval = flops_per_eval(engine, cache, features, masks)
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {
         "naive": naive_rate,

@@ -216,14 +216,14 @@ class Engine:
         for layer, stop in zip(layers, [*layers[1:], self.lm.n_layers - 1]):
             cols = [i for i, f in enumerate(features) if f.layer == layer]
             key = torch.cat([state[:, None], masks[:, cols].long(), *([] if share else [own])], 1)
-            _, state, first = _unique_rows(key)
+            state, first = _unique_rows(key)
             parent = key[first, 0]  # the state each new one branches from
-            if len(parent) != len(h) or parent.ne(torch.arange(len(h), device=h.device)).any():
+            if not torch.equal(parent, torch.arange(len(h), device=h.device)):
                 h = h[parent]
                 kv.batch_select_indices(parent)
             edit = MaskEdit(self, features, masks[first], first_latents=cache.latents)
             h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
-        rows = _unique_rows(state[:, None])[2]  # a row of each final state, in state order
+        rows = _unique_rows(state[:, None])[1]  # a row of each final state, in state order
         return self._opening_scores(h[:, -1], features, masks[rows], kv)[state].cpu()
 
     def _opening_scores(
@@ -435,13 +435,13 @@ class Engine:
                 handle.remove()
 
 
-def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct rows of `key` (sorted), each row's index among them, and the first row
-    holding each."""
+def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's index among the distinct rows of `key` (sorted), and the first row
+    holding each distinct one."""
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
     rows = torch.arange(len(key), device=key.device)
     first = torch.full((len(distinct),), len(key), device=key.device)
-    return distinct, inverse, first.scatter_reduce(0, inverse, rows, "amin")
+    return inverse, first.scatter_reduce(0, inverse, rows, "amin")
 
 
 def _check_finite(layer: int, h: torch.Tensor) -> torch.Tensor:
