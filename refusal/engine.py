@@ -9,7 +9,8 @@ TopK SAEs couple their latents through the ranking: they take a full encode per 
 
 For one prompt the engine runs the model once up to the first SAE layer and caches
 that residual, its keys and values, and the SAE latents there (no mask can change them).
-Scoring a batch of masks then runs only the remaining blocks over the prompt; rows whose
+Scoring a batch of masks then runs only the remaining blocks over the prompt (rows that
+ablate the same features up to an SAE layer run the blocks before it once); rows whose
 greedy reply opens like a refusal then decode a few more tokens, one at a time through a
 KV cache, to see whether it becomes a whole refusal marker (judge.Openings).
 All stages score through this engine.
