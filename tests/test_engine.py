@@ -242,8 +242,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activations_are_kept_for_reuse_not_faulted_in_again():
-    """The heap may grow once more, never batch after batch. (glibc's defaults fault in
-    2-7 batches' worth in ten, depending on how its adaptive thresholds move.)"""
+    """The heap may grow once more, never batch after batch. (glibc's defaults faulted in
+    2 to 20 batches' worth in thirty, depending on how its adaptive thresholds moved.)"""
     run = subprocess.run(
         [sys.executable, "-c", REALLOCATIONS], capture_output=True, text=True, check=True
     )
