@@ -30,6 +30,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check refusal tests benchmarks experiments train.py
 
+# ARGS: Hydra overrides of conf/organism.yaml, conf/organism_eval.yaml, conf/bench.yaml
+# (e.g. ARGS='finetune.epochs=2', ARGS='skip=[direction]', ARGS='bench.n_masks=4096').
 organism: $(STAMP)
 	$(BIN)/python -m experiments.organism.build $(ARGS)
 

@@ -14,14 +14,22 @@ plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU
 the FLOPs of the layers actually run) and peak memory; the flip agreement of engine and naive
 on the masks the search itself scores (the FM's sampler around the prompt's minimal set); and
 batched greedy filtering against one-at-a-time elimination on the first `n_greedy` eval
-prompts. Writes outputs/bench.json.
+prompts. The naive reference is refusal.reference's. Writes outputs/bench.json (`bench.out`).
+
+The run is set up as the search's (refusal.pipeline.setup), and the candidates of a prompt
+are the search's own (refusal.stages.greedy.candidates), read off the refusal direction that
+the search's direction stage selects (refusal.stages.direction, with `search.direction`):
+more faithful than a fixed direction, at the cost of that stage's selection passes.
+
+Settings: conf/bench.yaml, which composes conf/train.yaml (logger=none), so model= / sae= /
+layers= / search.* overrides work as for train.py; the benchmark's own are `bench.*`.
 
     python benchmarks/ablation_throughput.py                          # the organism
     python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
         'layers=[2]' model.config.num_hidden_layers=4 model.config.vocab_size=49152
     # on a GPU: full depth, bf16, the paper's layers, compiled blocks
     python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
-        layer=gemma2_paper search.compile=true n_masks=4096
+        layer=gemma2_paper search.compile=true bench.n_masks=4096
 """
 
 from __future__ import annotations
@@ -29,24 +37,29 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import sys
 import time
 from functools import partial
 from pathlib import Path
 from statistics import mean
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import refusal
-from refusal import data, direction, fm, greedy, judge, models, saes
-from refusal.engine import Ablation, Engine, Feature, PromptProbe
-from refusal.models import Edit
+from refusal import fm
+from refusal.context import Context, Work
+from refusal.engine import Engine, PromptCache, PromptProbe
+from refusal.features import Feature
+from refusal.pipeline import setup
+from refusal.records import BaselineRecord, PromptResult
+from refusal.reference import flipped, hooked_scores, naive_replies
+from refusal.stages import direction, greedy
 
-CONF = Path(refusal.__file__).resolve().parent.parent / "conf"
+CONF = str(refusal.PROJECT_ROOT / "conf")
 # The figures the targets are stated in.
 HEADLINE = (
     "engine_evals_per_s",
@@ -56,99 +69,6 @@ HEADLINE = (
     "peak_rss_gb",
     "flip_agreement",
 )
-DEFAULTS = {
-    "n_masks": 256,
-    "n_naive": 32,  # naive evaluations for the throughput, and per prompt for the agreement
-    "n_agreement_prompts": 4,
-    "n_features": 24,
-    "max_new_tokens": 48,
-    "prompt": 0,
-    "n_greedy": 8,  # eval prompts for batched vs one-at-a-time greedy filtering
-}
-
-
-def splice_edit(engine: Engine, features: list[Feature], masks: torch.Tensor) -> Edit:
-    """sae-lens's full encode/decode splice, error term kept:
-    h ← decode(edit(encode(h))) + (h − decode(encode(h))), row b ablating masks[b]."""
-    strength, device = engine.ablation.strength, engine.lm.device
-    by_layer = {}
-    for layer in engine.saes:
-        cols = [i for i, f in enumerate(features) if f.layer == layer]
-        idx = torch.tensor([features[i].latent for i in cols], dtype=torch.long, device=device)
-        weight = masks[:, cols].to(device=device, dtype=engine.lm.dtype).unsqueeze(1)
-        by_layer[layer] = idx, weight * strength
-
-    def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
-        sae, (idx, weight) = engine.saes[layer], by_layer[layer]
-        z = sae.encode(h)
-        edited = z.clone()
-        rows = min(len(weight), len(h))
-        edited[..., idx] = z[..., idx] * (1 - weight[:rows])
-        return sae.decode(edited) + (h - sae.decode(z))
-
-    return edit
-
-
-def naive_replies(engine: Engine, prompt: str, features, masks, max_new_tokens: int) -> list[str]:
-    batch = engine.lm.tokenize([prompt])
-    replies = []
-    for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
-        edit = splice_edit(engine, features, mask[None])
-        with engine.hooked(edit, engine.saes), torch.no_grad():
-            out = engine.lm.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=None,  # the reference's cost, always N tokens; nor is EOS banned
-                do_sample=False,
-                pad_token_id=engine.lm.tokenizer.pad_token_id,
-            )
-        replies.append(assistant_turn(engine.lm, out[0, batch["input_ids"].shape[1] :]))
-    return replies
-
-
-def assistant_turn(lm: models.LM, reply_ids: torch.Tensor) -> str:
-    """The text of a generated reply up to the end of the assistant's turn."""
-    ends = torch.isin(reply_ids, torch.tensor(lm.end_of_turn_ids, device=reply_ids.device))
-    cut = int(ends.nonzero()[0]) if ends.any() else len(reply_ids)
-    return lm.tokenizer.decode(reply_ids[:cut], skip_special_tokens=True)
-
-
-def flipped(replies: list[str]) -> list[bool]:
-    """The naive judge's decisions: no refusal marker in the reply."""
-    return [not judge.is_refusal(reply) for reply in replies]
-
-
-def hooked_scores(engine: Engine, prompt: str, features, masks, batch_size: int) -> torch.Tensor:
-    """Opening scores from HF's own forward and greedy generate, sae-lens's splice hooked in."""
-    batch = engine.lm.tokenize([prompt])
-    scores = []
-    for i in range(0, len(masks), batch_size):
-        chunk = masks[i : i + batch_size]
-        with engine.hooked(splice_edit(engine, features, chunk), engine.saes), torch.no_grad():
-            out = engine.lm.model.generate(
-                **{k: v.expand(len(chunk), -1) for k, v in batch.items()},
-                max_new_tokens=engine.openings.depth,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=engine.lm.tokenizer.pad_token_id,
-            )
-        scores.append(replayed_scores(engine.openings, out, batch["input_ids"].shape[1]).cpu())
-    return torch.cat(scores)
-
-
-def replayed_scores(openings: judge.Openings, out, prompt_len: int) -> torch.Tensor:
-    """Opening scores of a greedy `generate` output, its logits replayed to the walk."""
-    rows, steps = torch.arange(len(out.sequences)), iter(enumerate(out.logits[1:], prompt_len))
-
-    def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        nonlocal rows
-        rows = rows[keep.cpu()]
-        position, logits = next(steps)
-        assert torch.equal(out.sequences[rows, position], tokens), "walk left the greedy path"
-        return logits[rows]
-
-    return openings.score(out.logits[0], next_logits)
 
 
 def timed(fn, n: int) -> tuple[object, float]:
@@ -192,7 +112,7 @@ def flops_per_eval(engine: Engine, cache, features, masks: torch.Tensor) -> floa
     return counter.get_total_flops() / len(masks)
 
 
-def pick_features(engine: Engine, cache, n: int) -> list[Feature]:
+def pick_features(engine: Engine, cache: PromptCache, n: int) -> list[Feature]:
     """The most active latents of the prompt, spread evenly over the SAE layers."""
     latents = engine.latents(cache)
     per_layer = max(1, n // len(latents))
@@ -212,44 +132,30 @@ def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(list(rows))
 
 
-def refusal_directions(engine: Engine, cfg: DictConfig) -> torch.Tensor:
-    n = cfg.data.n_train
-    return direction.mean_diff(
-        engine,
-        data.load_source(cfg.data.harmful_train)[:n],
-        data.load_source(cfg.data.harmless_train)[:n],
+def candidates(ctx: Context, prompt_id: int, prompt: str) -> tuple[PromptProbe, list[Feature]]:
+    """The search's candidates for a prompt, and the engine bound to it. Its baseline row is
+    left unjudged (no generation): the benchmark reads the probe's clean score instead."""
+    baseline = BaselineRecord(
+        prompt_id=prompt_id, instruction=prompt, score=float("nan"), reply="", refused=False
     )
+    work = Work(ctx, PromptResult(baseline))
+    return work.probe, [c.feature for c in greedy.candidates(ctx, work)]
 
 
-def candidates(
-    engine: Engine, cfg: DictConfig, prompt: str, directions: torch.Tensor
-) -> tuple[PromptProbe, list[Feature]]:
-    """The search's candidates for a prompt: latents aligned with each SAE layer's
-    difference-of-means direction at the last post-instruction token, active on the prompt."""
-    probe = PromptProbe(engine, engine.prepare(prompt))
-    position = direction.post_instruction_positions(engine.lm)[-1]
-    c = cfg.search.candidates
-    found = direction.candidates(
-        engine, directions, position, probe.latents(), c.top_k, c.cos_floor, c.min_activation
-    )
-    return probe, [f for f, _ in found]
-
-
-def greedy_comparison(
-    engine: Engine, cfg: DictConfig, prompts: list[str], directions: torch.Tensor
-) -> dict:
+def greedy_comparison(ctx: Context, prompts: list[str]) -> dict:
     """Batched greedy filtering against one-at-a-time elimination, on the search's own
     candidates, for every refused prompt whose candidates flip it."""
-    threshold = cfg.judge.threshold - cfg.judge.flip_margin
     methods = {"batched": greedy.minimal_set, "sequential": greedy.sequential_minimal_set}
     rows = []
-    for prompt in tqdm(prompts, desc="greedy: batched vs one at a time", unit="prompt"):
-        probe, features = candidates(engine, cfg, prompt, directions)
-        if probe.cache.score < cfg.judge.threshold or not features:
+    for prompt_id, prompt in enumerate(
+        tqdm(prompts, desc="greedy: batched vs one at a time", unit="prompt")
+    ):
+        probe, features = candidates(ctx, prompt_id, prompt)
+        if probe.cache.score < ctx.threshold or not features:
             continue
         row = {"n_candidates": len(features)}
         for name, method in methods.items():
-            result, rate = timed(partial(method, probe, features, threshold), 1)
+            result, rate = timed(partial(method, probe, features, ctx.flip_threshold), 1)
             row[name] = {
                 "size": len(result.minimal),
                 "evals": result.evals,
@@ -266,43 +172,40 @@ def greedy_comparison(
     }
 
 
-def flip_agreement(
-    engine: Engine, cfg: DictConfig, prompts: list[str], directions: torch.Tensor, settings: dict
-) -> dict:
+def flip_agreement(ctx: Context, prompts: list[str], bench: DictConfig) -> dict:
     """Engine against naive on the flip decisions the search takes: the FM's own masks
     (its sampler over a prompt's minimal set and extra features), `n_naive` masks on each
     of the first `n_agreement_prompts` refused prompts."""
-    threshold = cfg.judge.threshold - cfg.judge.flip_margin
-    c = cfg.search.fm
+    c = ctx.cfg.search.fm
     rows, sizes = [], []
-    for prompt in prompts:
-        probe, found = candidates(engine, cfg, prompt, directions)
-        if probe.cache.score < cfg.judge.threshold:
+    for prompt_id, prompt in enumerate(prompts):
+        probe, found = candidates(ctx, prompt_id, prompt)
+        if probe.cache.score < ctx.threshold:
             continue
-        minimal = greedy.minimal_set(probe, found, threshold).minimal
+        minimal = greedy.minimal_set(probe, found, ctx.flip_threshold).minimal
         extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
         masks = fm.sample_masks(
-            settings["n_naive"], len(minimal), len(extra), c.p_minimal, c.p_extra, cfg.seed
+            bench.n_naive, len(minimal), len(extra), c.p_minimal, c.p_extra, ctx.cfg.seed
         )
         features = minimal + extra
-        replies = naive_replies(engine, prompt, features, masks, settings["max_new_tokens"])
+        replies = naive_replies(ctx.engine, prompt, features, masks, bench.max_new_tokens)
         scores = probe.score(features, masks).tolist()
         rows += [
             {"prompt": prompt, "naive_flip": f, "engine_score": s, "naive_reply": r}
             for f, s, r in zip(flipped(replies), scores, replies)
         ]
         sizes.append(len(minimal))
-        if len(sizes) == settings["n_agreement_prompts"]:
+        if len(sizes) == bench.n_agreement_prompts:
             break
     naive = [r["naive_flip"] for r in rows]
     scores = torch.tensor([r["engine_score"] for r in rows])
-    engine_flips, n = (scores < threshold).tolist(), settings["n_naive"]
+    engine_flips, n = (scores < ctx.flip_threshold).tolist(), bench.n_naive
     return {
         "flip_agreement": agreement(naive, engine_flips),
         "flip_agreement_per_prompt": [
             agreement(naive[i : i + n], engine_flips[i : i + n]) for i in range(0, len(rows), n)
         ],
-        "flip_agreement_at_threshold": agreement(naive, (scores < cfg.judge.threshold).tolist()),
+        "flip_agreement_at_threshold": agreement(naive, (scores < ctx.threshold).tolist()),
         "n_flips_naive": sum(naive),
         "n_flips_engine": sum(engine_flips),
         "n_agreement_masks": len(rows),
@@ -311,24 +214,16 @@ def flip_agreement(
     }
 
 
-def run(overrides: list[str], settings: dict) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    lm = models.load(cfg.model, seed=cfg.seed)
-    engine = Engine(
-        lm,
-        saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed),
-        judge.refusal_token_ids(lm.tokenizer, list(cfg.model.refusal_tokens)),
-        Ablation(**cfg.search.ablation),
-        compile=cfg.search.compile,
-    )
-    prompt = data.load_source(cfg.data.eval)[settings["prompt"]]
+def run(cfg: DictConfig) -> dict:
+    ctx = setup(cfg)
+    engine, lm, bench = ctx.engine, ctx.lm, cfg.bench
+    prompt = ctx.prompts.eval[bench.prompt]
     cache = engine.prepare(prompt)
-    features = pick_features(engine, cache, settings["n_features"])
-    masks = mixed_masks(settings["n_masks"], len(features))
+    features = pick_features(engine, cache, bench.n_features)
+    masks = mixed_masks(bench.n_masks, len(features))
     batch = engine.tune_batch_size(cache, features)
     n_small = min(32, len(masks))
-    naive_masks = masks[torch.linspace(0, len(masks) - 1, settings["n_naive"]).long()]
+    naive_masks = masks[torch.linspace(0, len(masks) - 1, bench.n_naive).long()]
 
     scores, engine_rate = timed(lambda: engine.score(cache, features, masks), len(masks))
     _, cached_rate = timed(lambda: _unbatched(engine, cache, features, masks[:n_small]), n_small)
@@ -339,16 +234,15 @@ def run(overrides: list[str], settings: dict) -> dict:
         lambda: hooked_scores(engine, prompt, features, masks[:n_small], 1), n_small
     )
     replies, naive_rate = timed(
-        lambda: naive_replies(engine, prompt, features, naive_masks, settings["max_new_tokens"]),
+        lambda: naive_replies(engine, prompt, features, naive_masks, bench.max_new_tokens),
         len(naive_masks),
     )
 
     naive_scores = engine.score(cache, features, naive_masks)
-    engine_flips = (naive_scores < cfg.judge.threshold - cfg.judge.flip_margin).tolist()
-    directions = refusal_directions(engine, cfg)
-    eval_prompts = data.load_source(cfg.data.eval)
-    agreed = flip_agreement(engine, cfg, eval_prompts[settings["prompt"] :], directions, settings)
-    greedy_cmp = greedy_comparison(engine, cfg, eval_prompts[: settings["n_greedy"]], directions)
+    engine_flips = (naive_scores < ctx.flip_threshold).tolist()
+    direction.run(ctx)
+    agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
+    greedy_cmp = greedy_comparison(ctx, ctx.prompts.eval[: bench.n_greedy])
     flop_eval = flops_per_eval(engine, cache, features, masks)
     peak = matmul_peak(lm.device, lm.dtype)
     rates = {
@@ -401,31 +295,32 @@ def agreement(a: list[bool], b: list[bool]) -> float | None:
     return sum(x == y for x, y in zip(a, b)) / len(a) if a else None
 
 
-def _unbatched(engine: Engine, cache, features, masks) -> torch.Tensor:
+def _unbatched(engine: Engine, cache: PromptCache, features, masks) -> torch.Tensor:
     return torch.cat([engine.score(cache, features, m[None]) for m in masks])
 
 
-def main(argv: list[str]) -> None:
-    settings, overrides, out = dict(DEFAULTS), [], Path("outputs/bench.json")
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in settings:
-            settings[key] = int(value)
-        elif key == "out":
-            out = Path(value)
-        else:
-            overrides.append(arg)
-    result = run(overrides, settings) | {"settings": settings, "overrides": overrides}
+def overrides() -> list[str]:
+    """The command line's overrides (none when the config was composed without Hydra's
+    runtime)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Run the benchmark; write its figures to `bench.out` and print the headline ones."""
+    settings = OmegaConf.to_container(cfg.bench, resolve=True)
+    result = run(cfg) | {"settings": settings, "overrides": overrides()}
+    out = Path(cfg.bench.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(
-        json.dumps(
-            {k: result[k] for k in HEADLINE},
-            indent=2,
-        )
-    )
+    print(json.dumps({k: result[k] for k in HEADLINE}, indent=2))
     print(f"wrote {out}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="bench")
+def main(cfg: DictConfig) -> dict:
+    return bench(cfg)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -13,10 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sae_lens import SAE
 from tqdm import tqdm
 
-from refusal.engine import Engine, Feature
-from refusal.models import LM, Edit
+from refusal.features import Feature
+from refusal.forwards import Forwards
+from refusal.interventions import direction_ablation, direction_addition
+from refusal.models import LM
+from refusal.records import DirectionRecord, DirectionScore
 
 
 def post_instruction_positions(lm: LM) -> list[int]:
@@ -30,34 +34,11 @@ def post_instruction_positions(lm: LM) -> list[int]:
     raise ValueError("the chat template does not contain the instruction verbatim")
 
 
-def mean_diff(engine: Engine, harmful: list[str], harmless: list[str]) -> torch.Tensor:
+def mean_diff(forwards: Forwards, harmful: list[str], harmless: list[str]) -> torch.Tensor:
     """Difference-of-means directions, shape (n_layers, n_positions, d_model)."""
-    positions = post_instruction_positions(engine.lm)
-    return engine.residual_means(harmful, positions) - engine.residual_means(harmless, positions)
-
-
-def _project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    return h - (h @ unit).unsqueeze(-1) * unit
-
-
-def ablation_edits(r: torch.Tensor) -> tuple[Edit, callable]:
-    """Edits removing direction r from the residual everywhere: after every block and at
-    the embeddings (Arditi et al. ablate it from every residual write)."""
-    unit = (r / r.norm()).float()
-
-    def edit(layer: int, h: torch.Tensor) -> torch.Tensor:
-        return _project_out(h, unit.to(h.dtype))
-
-    return edit, lambda h: _project_out(h, unit.to(h.dtype))
-
-
-def addition_edit(r: torch.Tensor, layer: int) -> Edit:
-    """Edit adding r to the residual at one layer (the layer r was read from)."""
-
-    def edit(at: int, h: torch.Tensor) -> torch.Tensor:
-        return h + r.to(h.dtype) if at == layer else h
-
-    return edit
+    positions = post_instruction_positions(forwards.lm)
+    means = forwards.residual_means
+    return means(harmful, positions) - means(harmless, positions)
 
 
 def first_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -71,11 +52,14 @@ class Selection:
     layer: int
     position: int  # negative offset from the end of the prompt
     direction: torch.Tensor  # (d_model,), unnormalised difference of means
-    scores: list[dict]  # every candidate's bypass / induce / KL
+    scores: list[DirectionScore]  # every candidate's bypass / induce / KL
+
+    def record(self) -> DirectionRecord:
+        return DirectionRecord(layer=self.layer, position=self.position, scores=self.scores)
 
 
 def select(
-    engine: Engine,
+    forwards: Forwards,
     directions: torch.Tensor,
     harmful_val: list[str],
     harmless_val: list[str],
@@ -89,42 +73,40 @@ def select(
     n_positions limits the search to the last n post-instruction positions (None: all).
     """
     n_layers, all_positions, _ = directions.shape
-    positions = post_instruction_positions(engine.lm)
+    positions = post_instruction_positions(forwards.lm)
     first = all_positions - min(n_positions or all_positions, all_positions)
-    clean_harmless = engine.first_token_logits(harmless_val)
+    clean_harmless = forwards.first_token_logits(harmless_val)
     scores = []
     max_layer = int(n_layers * (1 - exclude_last_fraction))
     grid = [(layer, p) for p in range(first, all_positions) for layer in range(max_layer)]
     for layer, p in tqdm(grid, desc="direction selection", unit="candidate"):
         r = directions[layer, p]
-        edit, embed_edit = ablation_edits(r)
-        bypass = engine.refusal_scores(harmful_val, edit, embed_edit).mean().item()
-        induce = engine.refusal_scores(harmless_val, addition_edit(r, layer)).mean().item()
-        kl = (
-            first_token_kl(
-                clean_harmless, engine.first_token_logits(harmless_val, edit, embed_edit)
-            )
-            .mean()
-            .item()
-        )
+        edit, embed_edit = direction_ablation(r)
+        bypass = forwards.refusal_scores(harmful_val, edit, embed_edit).mean().item()
+        induce = forwards.refusal_scores(harmless_val, direction_addition(r, layer)).mean().item()
+        ablated = forwards.first_token_logits(harmless_val, edit, embed_edit)
+        kl = first_token_kl(clean_harmless, ablated).mean().item()
         scores.append(
-            {"layer": layer, "position": positions[p], "bypass": bypass, "induce": induce, "kl": kl}
+            DirectionScore(layer=layer, position=positions[p], bypass=bypass, induce=induce, kl=kl)
         )
-    best = min(_admissible(scores, kl_max, induce_min), key=lambda s: s["bypass"])
-    p = positions.index(best["position"])
-    return Selection(best["layer"], best["position"], directions[best["layer"], p], scores)
+    best = min(_admissible(scores, kl_max, induce_min), key=lambda s: s.bypass)
+    p = positions.index(best.position)
+    return Selection(best.layer, best.position, directions[best.layer, p], scores)
 
 
-def _admissible(scores: list[dict], kl_max: float, induce_min: float) -> list[dict]:
+def _admissible(
+    scores: list[DirectionScore], kl_max: float, induce_min: float
+) -> list[DirectionScore]:
     """Candidates passing both of Arditi et al.'s filters; where none does, those passing
     the induce filter (the direction must carry refusal), then the KL one, then all."""
-    induces = [s for s in scores if s["induce"] > induce_min]
-    gentle = [s for s in scores if s["kl"] < kl_max]
+    induces = [s for s in scores if s.induce > induce_min]
+    gentle = [s for s in scores if s.kl < kl_max]
     return [s for s in induces if s in gentle] or induces or gentle or scores
 
 
 def candidates(
-    engine: Engine,
+    lm: LM,
+    saes: dict[int, SAE],
     directions: torch.Tensor,
     position: int,
     latents: dict[int, torch.Tensor],
@@ -137,9 +119,9 @@ def candidates(
 
     latents: the prompt's clean latents per layer, (T, d_sae) each.
     """
-    positions = post_instruction_positions(engine.lm)
+    positions = post_instruction_positions(lm)
     found = []
-    for layer, sae in engine.saes.items():
+    for layer, sae in saes.items():
         r = directions[layer, positions.index(position)].to(sae.W_dec)
         cos = torch.nn.functional.cosine_similarity(sae.W_dec, r.unsqueeze(0), dim=-1)
         active = latents[layer].max(0).values > min_activation

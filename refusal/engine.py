@@ -1,61 +1,32 @@
-"""The ablation engine: prefix-cached, batched scoring of SAE-latent ablation masks.
-
-Every selected SAE is spliced in with its error term kept,
-    h ← decode(edit(encode(h))) + (h − decode(encode(h))),
-so an empty edit is an exact identity and ablating latent set S (scaling each by c)
-changes the residual by exactly −Σ_{i∈S} (1−c)·fᵢ(h)·W_dec[i]. For ReLU / JumpReLU SAEs
-fᵢ needs only encoder row i, so a mask costs O(|S|·d) per token, whatever the SAE width.
-TopK SAEs couple their latents through the ranking: they take a full encode per edit.
+"""The ablation engine: prefix-cached, batched scoring of intervention masks on one prompt.
 
 For one prompt the engine runs the model once up to the first SAE layer and caches
 that residual, its keys and values, and the SAE latents there (no mask can change them).
-Scoring a batch of masks then runs only the remaining blocks over the prompt (rows that
-ablate the same features up to an SAE layer run the blocks before it once); rows whose
-greedy reply opens like a refusal then decode a few more tokens, one at a time through a
-KV cache, to see whether it becomes a whole refusal marker (judge.Openings).
-All stages score through this engine.
+Scoring a batch of masks then runs only the remaining blocks over the prompt, each SAE
+layer applying the configured intervention (refusal.interventions) to the features
+each row selects; rows that intervene on the same features up to an SAE layer run the
+blocks before it once. Rows whose greedy reply opens like a refusal then decode a few
+more tokens, one at a time through a KV cache, to see whether it becomes a whole
+refusal marker (judge.Openings). Every search stage scores through this engine; many-
+prompt passes and generation are refusal.forwards.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from sae_lens import SAE, JumpReLUSAE, StandardSAE
+from sae_lens import SAE
 
 from refusal.allocator import keep_freed_memory
 from refusal.errors import NumericsError
-from refusal.judge import Openings, refusal_openings, refusal_score
-from refusal.models import LM, Edit, KVCache
-
-
-@dataclass(frozen=True, order=True)
-class Feature:
-    """One SAE latent: residual layer and latent index."""
-
-    layer: int
-    latent: int
-
-    def __str__(self) -> str:
-        return f"L{self.layer}/{self.latent}"
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """How latents are ablated: zeroed, or scaled by `scale` (negative values clamp)."""
-
-    mode: str = "zero"
-    scale: float = 0.0
-    positions: str = "all"  # "all": generated tokens too; "prompt": prompt tokens only
-
-    @property
-    def strength(self) -> float:
-        """1 − c: the fraction of each latent's activation that is removed."""
-        return 1.0 if self.mode == "zero" else 1.0 - self.scale
+from refusal.features import Feature
+from refusal.interventions import Ablation, FeatureEdit, Intervention
+from refusal.judge import Openings, refusal_openings
+from refusal.models import LM, KVCache
 
 
 @dataclass
@@ -70,92 +41,21 @@ class PromptCache:
     score: float  # clean opening score
 
 
-def _sparse(sae: SAE) -> bool:
-    """Whether each latent depends only on its own encoder row (and nothing rescales)."""
-    return (
-        type(sae) in (StandardSAE, JumpReLUSAE)
-        and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
-        and sae.cfg.reshape_activations == "none"
-    )
-
-
-def latent_acts(sae: SAE, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Activations of latents `idx` on residual `h` (..., d) -> (..., len(idx))."""
-    if not _sparse(sae):
-        return sae.encode(h)[..., idx]
-    x = h.to(sae.dtype) - sae.b_dec * sae.cfg.apply_b_dec_to_input
-    pre = x @ sae.W_enc[:, idx] + sae.b_enc[idx]
-    acts = torch.relu(pre)
-    if isinstance(sae, JumpReLUSAE):
-        acts = acts * (pre > sae.threshold[idx])
-    return acts
-
-
-def ablation_delta(
-    sae: SAE,
-    h: torch.Tensor,
-    idx: torch.Tensor,
-    weight: torch.Tensor,
-    acts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Change of the error-preserving splice when latents idx lose `weight` of their value.
-
-    weight broadcasts against (..., T, len(idx)); `acts` may pass precomputed activations.
-    """
-    if _sparse(sae) or acts is not None:
-        acts = latent_acts(sae, h, idx) if acts is None else acts
-        return -((acts * weight) @ sae.W_dec[idx]).to(h.dtype)
-    z = sae.encode(h)
-    edited = z.clone()
-    edited[..., idx] = z[..., idx] * (1 - weight)
-    return (sae.decode(edited) - sae.decode(z)).to(h.dtype)
-
-
-class MaskEdit:
-    """The residual edit that ablates, for batch row b, the features mask[b] selects."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        features: list[Feature],
-        masks: torch.Tensor,
-        first_latents: torch.Tensor | None = None,
-    ):
-        self.engine = engine
-        self.first_latents = first_latents
-        self.by_layer = {}
-        weights = masks.to(engine.lm.dtype) * engine.ablation.strength
-        for layer in sorted({f.layer for f in features}):
-            cols = [i for i, f in enumerate(features) if f.layer == layer]
-            idx = torch.tensor([features[i].latent for i in cols], device=masks.device)
-            self.by_layer[layer] = (idx, weights[:, cols].unsqueeze(1))  # (B, 1, k)
-
-    def __call__(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        if layer not in self.by_layer:
-            return h
-        idx, weight = self.by_layer[layer]
-        sae = self.engine.saes[layer]
-        acts = None
-        if layer == self.engine.start and self.first_latents is not None:
-            acts = self.first_latents[..., idx].to(sae.dtype)  # cached: no mask changes them
-        return h + ablation_delta(sae, h, idx, weight, acts)
-
-
 class Engine:
-    """Scores ablation masks for a model and its SAEs; see the module docstring."""
+    """Scores intervention masks for a model and its SAEs; see the module docstring."""
 
     def __init__(
         self,
         lm: LM,
         saes: dict[int, SAE],
-        refusal_ids: list[int],
-        ablation: Ablation = Ablation(),
+        intervention: Intervention | None = None,
         batch_size: int = 64,
         compile: bool = False,
         openings: Openings | None = None,
         tune: bool = False,
     ):
-        self.lm, self.saes, self.refusal_ids, self.ablation = lm, saes, refusal_ids, ablation
+        self.lm, self.saes = lm, saes
+        self.intervention = intervention or Ablation()
         self.openings = openings or refusal_openings(lm)
         if compile:
             lm.compile_blocks()
@@ -165,6 +65,18 @@ class Engine:
         self.batch_size = batch_size
         self.tune = tune  # tune the batch size on the first masks scored, then keep it
         self.evals = 0  # masks scored so far, for reporting
+
+    def edit(
+        self, features: list[Feature], masks: torch.Tensor, cache: PromptCache | None = None
+    ) -> FeatureEdit:
+        """The intervention on `features`, row b of a batch per masks[b]; with a prompt's
+        cache, the first SAE layer reads its cached latents instead of encoding again."""
+        cached = None if cache is None else (self.start, cache.latents)
+        return FeatureEdit(self.intervention, self.saes, features, masks, self.lm.dtype, cached)
+
+    def feature_edit(self, features: list[Feature]) -> FeatureEdit:
+        """The intervention on all `features`, on every row of any batch, on any prompt."""
+        return self.edit(features, torch.ones(1, len(features), device=self.lm.device))
 
     # -- per-prompt cache and the hot loop ---------------------------------------------
 
@@ -222,7 +134,7 @@ class Engine:
             if not torch.equal(parent, torch.arange(len(h), device=h.device)):
                 h = h[parent]
                 kv.batch_select_indices(parent)
-            edit = MaskEdit(self, features, masks[first], first_latents=cache.latents)
+            edit = self.edit(features, masks[first], cache)
             h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
         rows = _unique_rows(state[:, None])[1]  # a row of each final state, in state order
         return self._opening_scores(h[:, -1], features, masks[rows], kv)[state].cpu()
@@ -238,8 +150,8 @@ class Engine:
             nonlocal masks, past
             kv.batch_select_indices(keep.nonzero().squeeze(-1))
             masks = masks[keep]
-            # a new token: its latents are not cached, and "prompt" ablation leaves it alone
-            edit = MaskEdit(self, features, masks) if self.ablation.positions == "all" else None
+            # a new token: its latents are not cached, and a "prompt" edit leaves it alone
+            edit = self.edit(features, masks) if self.intervention.positions == "all" else None
             h = self.lm.embed(tokens[:, None])
             h = self.lm.run_blocks(h, 0, edit=edit, cache=kv, past=past)
             past += 1
@@ -315,7 +227,7 @@ class Engine:
         features: list[Feature] | None = None,
         mask: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Every SAE's latents (T, d_sae) on this prompt, under an optional ablation mask.
+        """Every SAE's latents (T, d_sae) on this prompt, under an optional intervention mask.
 
         Latents at a layer are read before that layer's own edit is applied.
         """
@@ -323,7 +235,7 @@ class Engine:
         mask = (
             torch.ones(1, len(features)) if mask is None else torch.as_tensor(mask).reshape(1, -1)
         )
-        edit = MaskEdit(self, features, mask.to(self.lm.device), first_latents=cache.latents)
+        edit = self.edit(features, mask.to(self.lm.device), cache)
         seen = {self.start: cache.latents}
 
         def record(layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -334,106 +246,6 @@ class Engine:
         h = edit(self.start, cache.hidden)
         self.lm.run_blocks(h, self.start + 1, stop=max(self.saes) + 1, edit=record)
         return seen
-
-    # -- batched full forwards over many prompts ---------------------------------------
-
-    @torch.no_grad()
-    def first_token_logits(
-        self,
-        instructions: list[str],
-        edit: Edit | None = None,
-        embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Next-token logits (N, vocab) at the reply's start, with an optional residual edit."""
-        out = []
-        for i in range(0, len(instructions), self.batch_size):
-            batch = self.lm.tokenize(instructions[i : i + self.batch_size])
-            h = self.lm.embed(batch["input_ids"])
-            h = embed_edit(h) if embed_edit else h
-            h = self.lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=edit)
-            out.append(self.lm.next_token_logits(h[:, -1]).float().cpu())
-        return torch.cat(out)
-
-    def refusal_scores(
-        self,
-        instructions: list[str],
-        edit: Edit | None = None,
-        embed_edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        return refusal_score(
-            self.first_token_logits(instructions, edit, embed_edit), self.refusal_ids
-        )
-
-    @torch.no_grad()
-    def residual_means(self, instructions: list[str], positions: list[int]) -> torch.Tensor:
-        """Mean residual (n_layers, len(positions), d) at the given (negative) token positions."""
-        total = torch.zeros(self.lm.n_layers, len(positions), self.lm.d_model, dtype=torch.float64)
-        pos = torch.tensor(positions)
-
-        def record(layer: int, h: torch.Tensor) -> torch.Tensor:
-            total[layer] += h[:, pos].double().sum(0).cpu()
-            return h
-
-        for i in range(0, len(instructions), self.batch_size):
-            batch = self.lm.tokenize(instructions[i : i + self.batch_size])
-            h = self.lm.embed(batch["input_ids"])
-            self.lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=record)
-        return (total / len(instructions)).float()
-
-    def feature_edit(self, features: list[Feature]) -> MaskEdit:
-        """The edit ablating all `features` on every row of any batch, on any prompt."""
-        return MaskEdit(self, features, torch.ones(1, len(features), device=self.lm.device))
-
-    # -- generation, to verify flips --------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        instructions: list[str],
-        features: list[Feature] | None = None,
-        max_new_tokens: int = 48,
-    ) -> list[str]:
-        """Greedy replies with `features` ablated (prompt tokens only, or all, per Ablation)."""
-        batch = self.lm.tokenize(instructions)
-        edit = self.feature_edit(features or [])
-        with self.hooked(edit, edit.by_layer):
-            out = self.lm.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.lm.tokenizer.pad_token_id,
-            )
-        return self.lm.tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-
-    @contextmanager
-    def hooked(self, edit: Edit, layers: Iterable[int]) -> Iterator[None]:
-        """Apply `edit` at `layers` inside the model's own forward (HF generate) via block
-        hooks: on the prompt only, or on generated tokens too, per `Ablation.positions`.
-
-        With KV caching the first forward is the prompt; later ones are generated tokens.
-        """
-        prompt_only = self.ablation.positions == "prompt"
-        state = {"prefill": True}
-
-        def hook(layer: int):
-            def apply(module, args, output):
-                if state["prefill"] or not prompt_only:
-                    return edit(layer, output)
-                return output
-
-            return apply
-
-        handles = [self.lm.blocks[layer].register_forward_hook(hook(layer)) for layer in layers]
-        last = self.lm.blocks[self.lm.n_layers - 1].register_forward_hook(
-            lambda *_: state.update(prefill=False)
-        )
-        try:
-            yield
-        finally:
-            for handle in [*handles, last]:
-                handle.remove()
 
 
 def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ or the refusal score (MSE). Main effects wᵢ and the strongest ⟨vᵢ,vⱼ⟩ 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
-from refusal.engine import Feature
+from refusal.features import Feature
+from refusal.records import FMReadout, MainEffect, Pair
 
 
 class FactorizationMachine(L.LightningModule):
@@ -149,16 +149,6 @@ def sample_masks(
     return masks
 
 
-@dataclass
-class FMReadout:
-    heldout_auc: float | None
-    main_effects: list[dict]  # per feature: {"feature", "w"}
-    top_pairs: list[dict]  # strongest |⟨vᵢ,vⱼ⟩|: {"a", "b", "interaction"}
-    interactions: list[list[float]]  # the full ⟨vᵢ,vⱼ⟩ matrix, for heatmaps
-    checkpoint: str | None
-    epochs: int
-
-
 def heldout_auc(model: FactorizationMachine, data: MaskDataModule) -> float | None:
     """AUC for predicting flips on the held-out masks; None if they are all one class."""
     x, _target, flips = data.val.tensors
@@ -214,13 +204,9 @@ def readout(
     strongest = inter[i, j].abs().argsort(descending=True)[:top_pairs]
     return FMReadout(
         heldout_auc=heldout_auc(model, data),
-        main_effects=[{"feature": str(f), "w": w} for f, w in zip(features, model.w.tolist())],
+        main_effects=[MainEffect(feature=f, w=w) for f, w in zip(features, model.w.tolist())],
         top_pairs=[
-            {
-                "a": str(features[i[k]]),
-                "b": str(features[j[k]]),
-                "interaction": inter[i[k], j[k]].item(),
-            }
+            Pair(a=features[i[k]], b=features[j[k]], interaction=inter[i[k], j[k]].item())
             for k in strongest.tolist()
         ],
         interactions=inter.tolist(),

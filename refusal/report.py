@@ -14,7 +14,6 @@ reads the same summaries from W&B runs instead (those need to be uploaded: `wand
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -23,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import pandas as pd
@@ -31,9 +31,22 @@ import yaml
 from hydra.experimental.callback import Callback
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from pydantic import BaseModel, BeforeValidator
 
 from refusal.errors import RefusalError
-from refusal.tracking import RunDir, interaction_heatmap, mean_or_none
+from refusal.features import Feature
+from refusal.records import (
+    RESULTS,
+    FeatureField,
+    InteractionsRecord,
+    PromptResult,
+    Summary,
+    join,
+    mean_or_none,
+    parse_row,
+)
+from refusal.rundir import RunDir
+from refusal.tracking import interaction_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +55,47 @@ class WandbUnavailable(RefusalError):
     """W&B runs were asked for and cannot be read."""
 
 
+class WandbSummary(BaseModel):
+    """What the tracker mirrors of summary.json into a W&B run's summary, plus the verified
+    minimal sets by prompt; a value it left out (None) reads as missing."""
+
+    n_eval: int | None = None
+    n_refused: int | None = None
+    n_flipped_verified: int | None = None
+    flip_rate: float | None = None
+    minimal_set_sizes: list[int] = []
+    fm_heldout_auc: list[float | None] = []
+    harmless_kl: list[float | None] = []
+    n_dormant: int | None = None
+    evals_per_s: float | None = None
+    wall_seconds: float | None = None
+    # W&B hands nested summary values back as its own dict-like objects
+    minimal_sets: Annotated[dict[int, list[FeatureField]], BeforeValidator(dict)] = {}
+
+
+class JobConfig(BaseModel):
+    """What the report reads of a job's config (summary.json's, or the W&B run's)."""
+
+    layers: list[int] = []
+    overrides: list[str] = []  # only the W&B config holds them (the tracker adds them)
+
+
 @dataclass
 class Job:
     """One run of a sweep, as the report sees it."""
 
     name: str  # its directory relative to the sweep (or the W&B run id)
-    summary: dict  # summary.json, or the W&B run summary
+    summary: Summary | WandbSummary
     layers: list[int]
     overrides: list[str] = field(default_factory=list)
-    prompts: list[dict] = field(default_factory=list)  # one row per evaluation prompt
-    interactions: dict[int, dict] = field(default_factory=dict)  # FM readout per prompt
+    prompts: list[dict[str, Any]] = field(default_factory=list)  # rows of report_prompts.csv
+    minimal: dict[int, list[Feature]] = field(default_factory=dict)  # of the verified flips
+    interactions: dict[int, InteractionsRecord] = field(default_factory=dict)  # FM, per prompt
     label: str = ""  # what sets it apart from the other jobs
 
-    def minimal_sets(self) -> dict[int, set[str]]:
+    def minimal_sets(self) -> dict[int, set[Feature]]:
         """Minimal sets of the prompts whose flip was verified by generation."""
-        return {p["prompt_id"]: set(p["minimal"]) for p in self.prompts if p["flip_verified"]}
+        return {pid: set(features) for pid, features in self.minimal.items()}
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -71,38 +110,40 @@ def _natural(path: Path) -> list:
 
 def load_run(path: Path, root: Path) -> Job:
     """A job from its run directory: summary, per-prompt results and Hydra overrides."""
-    summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    rows = RunDir(path).read("results.jsonl")
-    search = {r["prompt_id"]: r for r in rows if r["stage"] == "search"}
-    baseline = sorted((r for r in rows if r["stage"] == "baseline"), key=lambda r: r["prompt_id"])
+    summary = Summary.model_validate_json((path / "summary.json").read_text(encoding="utf-8"))
+    results = join([parse_row(row) for row in RunDir(path).read(RESULTS)])
     overrides_file = path / ".hydra" / "overrides.yaml"
     return Job(
         name=str(path.relative_to(root)) if path != root else path.name,
         summary=summary,
-        layers=list(summary.get("config", {}).get("layers", [])),
+        layers=JobConfig.model_validate(summary.config).layers,
         overrides=yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else [],
-        prompts=[prompt_row(b, search.get(b["prompt_id"], {})) for b in baseline],
-        interactions={pid: s["interactions"] for pid, s in search.items() if s.get("interactions")},
+        prompts=[prompt_row(r) for r in results],
+        minimal={r.prompt_id: r.minimal for r in results if r.flip_verified},
+        interactions={r.prompt_id: r.interactions for r in results if r.interactions is not None},
     )
 
 
-def prompt_row(baseline: dict, search: dict) -> dict:
+def prompt_row(result: PromptResult) -> dict[str, Any]:
     """One evaluation prompt: its baseline judgement and, when refused, its search."""
-    greedy = search.get("greedy") or {}
-    verified = bool(search.get("flip_verified"))
+    verified = result.flip_verified
     return {
-        "prompt_id": baseline["prompt_id"],
-        "refused": baseline["refused"],
-        "score": baseline["score"],
+        "prompt_id": result.prompt_id,
+        "refused": result.baseline.refused,
+        "score": result.baseline.score,
         "flip_verified": verified,
-        "size": greedy.get("size") if verified else None,
-        "minimal": greedy.get("minimal", []) if verified else [],
-        "evals": search.get("evals"),
-        "fm_auc": (search.get("interactions") or {}).get("heldout_auc"),
-        "n_dormant": len(search["dormant"]) if "dormant" in search else None,
-        "harmless_kl": search.get("harmless_kl"),
-        "instruction": baseline["instruction"],
+        "size": len(result.minimal) if verified else None,
+        "minimal": _text(result.minimal),
+        "evals": result.evals if result.searched else None,
+        "fm_auc": result.fm_auc,
+        "n_dormant": len(result.dormant_features) if result.dormant is not None else None,
+        "harmless_kl": result.harmless_kl,
+        "instruction": result.instruction,
     }
+
+
+def _text(features: list[Feature]) -> str:
+    return " ".join(str(f) for f in features)
 
 
 def load_jobs(root: Path) -> list[Job]:
@@ -129,37 +170,30 @@ def jobs_table(jobs: list[Job]) -> pd.DataFrame:
     """One row per job: what it flipped, how small the sets, how well the FM predicts."""
     rows = []
     for job in jobs:
-        s = job.summary
-        sizes = _present(s.get("minimal_set_sizes"))
+        s, sizes = job.summary, job.summary.minimal_set_sizes
         rows.append(
             {
                 "job": job.label,
                 "path": job.name,
                 "layers": " ".join(map(str, job.layers)),
-                "n_eval": s.get("n_eval"),
-                "n_refused": s.get("n_refused"),
-                "n_flipped": s.get("n_flipped_verified"),
-                "flip_rate": s.get("flip_rate"),
+                "n_eval": s.n_eval,
+                "n_refused": s.n_refused,
+                "n_flipped": s.n_flipped_verified,
+                "flip_rate": s.flip_rate,
                 "mean_set_size": mean_or_none(sizes),
                 "median_set_size": median(sizes) if sizes else None,
-                "fm_auc": mean_or_none(_present(s.get("fm_heldout_auc"))),
-                "n_dormant": s.get("n_dormant"),
-                "harmless_kl": mean_or_none(_present(s.get("harmless_kl"))),
-                "evals_per_s": s.get("evals_per_s"),
-                "wall_seconds": s.get("wall_seconds"),
+                "fm_auc": mean_or_none(s.fm_heldout_auc),
+                "n_dormant": s.n_dormant,
+                "harmless_kl": mean_or_none(s.harmless_kl),
+                "evals_per_s": s.evals_per_s,
+                "wall_seconds": s.wall_seconds,
             }
         )
     return pd.DataFrame(rows)
 
 
 def prompts_table(jobs: list[Job]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {"job": job.label, **p, "minimal": " ".join(p["minimal"])}
-            for job in jobs
-            for p in job.prompts
-        ]
-    )
+    return pd.DataFrame([{"job": job.label, **p} for job in jobs for p in job.prompts])
 
 
 def overlap(jobs: list[Job]) -> pd.DataFrame:
@@ -193,8 +227,8 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def _present(values: list | None) -> list:
-    return [v for v in values or [] if v is not None]
+def _present(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
 
 
 def metrics_figure(jobs: list[Job]) -> Figure:
@@ -202,13 +236,13 @@ def metrics_figure(jobs: list[Job]) -> Figure:
     labels = [job.label for job in jobs]
     fig = Figure(figsize=(max(8.0, 1.6 * len(jobs) + 4), 7), layout="constrained")
     (flips, sizes), (aucs, dormant) = fig.subplots(2, 2)
-    flips.bar(labels, [job.summary.get("flip_rate") or 0.0 for job in jobs])
+    flips.bar(labels, [job.summary.flip_rate or 0.0 for job in jobs])
     flips.set(title="flip rate (verified flips / refused)", ylim=(0, 1))
-    _distribution(sizes, labels, [_present(j.summary.get("minimal_set_sizes")) for j in jobs])
+    _distribution(sizes, labels, [j.summary.minimal_set_sizes for j in jobs])
     sizes.set(title="minimal-set size |M|")
-    _distribution(aucs, labels, [_present(j.summary.get("fm_heldout_auc")) for j in jobs])
+    _distribution(aucs, labels, [_present(j.summary.fm_heldout_auc) for j in jobs])
     aucs.set(title="FM held-out AUC", ylim=(0, 1.05))
-    dormant.bar(labels, [job.summary.get("n_dormant") or 0 for job in jobs])
+    dormant.bar(labels, [job.summary.n_dormant or 0 for job in jobs])
     dormant.set(title="dormant features")
     for ax in (flips, sizes, aucs, dormant):
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
@@ -308,9 +342,8 @@ def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[str]:
         lines += ["## FM interactions", ""]
     for pid, readout in sorted(job.interactions.items()):
         name = f"report_fm_prompt_{pid}.png"
-        figure = interaction_heatmap(
-            readout["interactions"], readout["features"], f"prompt {pid}: FM interactions"
-        )
+        labels = [str(f) for f in readout.features]
+        figure = interaction_heatmap(readout.interactions, labels, f"prompt {pid}: FM interactions")
         figure.savefig(out / name, dpi=120)
         lines += [f"![prompt {pid}]({name})", ""]
     return lines
@@ -367,16 +400,19 @@ def load_wandb(path: str, group: str | None) -> list[Job]:
 
 
 def _wandb_job(run) -> Job:
-    summary = dict(run.summary)  # the tracker put summary.json's keys and the minimal sets here
+    # the tracker put summary.json's keys and the minimal sets in the run's summary
+    summary = WandbSummary.model_validate(dict(run.summary))
+    config = JobConfig.model_validate(dict(run.config))
     return Job(
         name=run.id,
         summary=summary,
-        layers=list(run.config.get("layers", [])),
-        overrides=list(run.config.get("overrides", [])),
+        layers=config.layers,
+        overrides=config.overrides,
         prompts=[
-            {"prompt_id": int(pid), "flip_verified": True, "minimal": list(minimal)}
-            for pid, minimal in dict(summary.get("minimal_sets") or {}).items()
+            {"prompt_id": pid, "flip_verified": True, "minimal": _text(minimal)}
+            for pid, minimal in summary.minimal_sets.items()
         ],
+        minimal=summary.minimal_sets,
     )
 
 

@@ -11,13 +11,10 @@ is logged as a warning and never ends a run.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import hydra
 import wandb
@@ -29,7 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from refusal import saes
-from refusal.errors import RefusalError
+from refusal.direction import Selection
+from refusal.features import Feature
+from refusal.records import (
+    BaselineRecord,
+    DormantFeature,
+    GreedyRecord,
+    PromptResult,
+    Summary,
+    mean_or_none,
+)
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -83,98 +89,9 @@ SUMMARY_KEYS = [
 ]
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "__dict__"):
-        return vars(value)
-    return str(value)
-
-
-def dumps(record: Any) -> str:
-    return json.dumps(record, default=_json_default, ensure_ascii=False)
-
-
-class RunDir:
-    """The run directory: the source of truth for a run's results."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def append(self, name: str, record: dict) -> None:
-        """Append one JSON line and fsync it, so a killed run loses at most this line."""
-        path = self.path / name
-        with self._writing(path):
-            _drop_torn_tail(path)
-            with path.open("a", encoding="utf-8") as f:
-                f.write(dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-
-    def read(self, name: str) -> list[dict]:
-        """All complete JSON lines of a file; a torn last line (killed mid-write) is skipped."""
-        path = self.path / name
-        if not path.exists():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return records
-
-    def write_json(self, name: str, value: Any) -> Path:
-        """Write a whole JSON file atomically (write, fsync, rename)."""
-        text = json.dumps(value, default=_json_default, indent=2, ensure_ascii=False)
-        return self.write_atomic(name, lambda f: f.write(text.encode("utf-8")))
-
-    def write_atomic(self, name: str, write: Callable[[BinaryIO], Any]) -> Path:
-        """Write a file through `write(f)` to a temporary name, fsync, then rename it over
-        the target, so a reader sees the old file or the new one, never half of one."""
-        target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        with self._writing(target):
-            with tmp.open("wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        return target
-
-    @contextmanager
-    def _writing(self, path: Path) -> Iterator[None]:
-        try:
-            yield
-        except OSError as e:
-            raise RefusalError(
-                f"cannot write {path}: {e.strerror}. What was written before stays in {self.path}; "
-                "free disk space, then rerun with resume=true on the same directory."
-            ) from None
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line left unfinished by a killed writer, so the next line starts clean."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        f.truncate(f.read().rfind(b"\n") + 1)
-
-
-def parse_feature(text: str) -> tuple[int, int]:
-    """(layer, latent) of a feature written as `L<layer>/<latent>`."""
-    layer, latent = text[1:].split("/")
-    return int(layer), int(latent)
-
-
-def neuronpedia_url(np_id: str | None, feature: str) -> str:
+def neuronpedia_url(np_id: str | None, feature: Feature) -> str:
     """The feature's Neuronpedia page, or "" when its SAE is not on Neuronpedia."""
-    return f"{NEURONPEDIA}/{np_id}/{parse_feature(feature)[1]}" if np_id else ""
+    return f"{NEURONPEDIA}/{np_id}/{feature.latent}" if np_id else ""
 
 
 def interaction_heatmap(matrix: list[list[float]], labels: list[str], title: str) -> Figure:
@@ -284,12 +201,11 @@ class Tracker:
         self.run = run
         self.fm_logger_cfgs = fm_logger_cfgs or []
         self.neuronpedia_ids = neuronpedia_ids or {}
-        self.replies: dict[int, str] = {}
-        self.minimal_sets: dict[int, list[str]] = {}
+        self.minimal_sets: dict[int, list[str]] = {}  # verified flips' M, for the summary
         self.tables: dict[str, wandb.Table] = {}
 
-    def url(self, feature: str) -> str:
-        return neuronpedia_url(self.neuronpedia_ids.get(parse_feature(feature)[0]), feature)
+    def url(self, feature: Feature) -> str:
+        return neuronpedia_url(self.neuronpedia_ids.get(feature.layer), feature)
 
     def fm_loggers(self, prompt_id: int) -> list[Logger]:
         """Lightning loggers for one prompt's FM: the W&B run plus the other conf/logger
@@ -314,108 +230,105 @@ class Tracker:
         return {key: table}
 
     @_guarded
-    def baseline(self, rows: list[dict]) -> None:
-        self.replies = {r["prompt_id"]: r["reply"] for r in rows}
+    def baseline(self, rows: list[BaselineRecord]) -> None:
         columns = ["prompt_id", "instruction", "score", "refused", "reply"]
-        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-        self.run.log({"baseline/prompts": table})
+        data = [[r.prompt_id, r.instruction, r.score, r.refused, r.reply] for r in rows]
+        self.run.log({"baseline/prompts": wandb.Table(columns=columns, data=data)})
         self.run.summary.update(
-            {"baseline/n_eval": len(rows), "baseline/n_refused": sum(r["refused"] for r in rows)}
+            {"baseline/n_eval": len(rows), "baseline/n_refused": sum(r.refused for r in rows)}
         )
 
     @_guarded
-    def direction(self, selection: Any) -> None:
+    def direction(self, selection: Selection) -> None:
         """Every (layer, position) candidate's bypass / induce / KL, and the chosen one."""
-        columns = ["layer", "position", "bypass", "induce", "kl"]
+        chosen = (selection.layer, selection.position)
         rows = [
-            [s[c] for c in columns]
-            + [(s["layer"], s["position"]) == (selection.layer, selection.position)]
+            [s.layer, s.position, s.bypass, s.induce, s.kl, (s.layer, s.position) == chosen]
             for s in selection.scores
         ]
-        self.run.log({"direction/scores": wandb.Table(columns=[*columns, "chosen"], data=rows)})
+        columns = ["layer", "position", "bypass", "induce", "kl", "chosen"]
+        self.run.log({"direction/scores": wandb.Table(columns=columns, data=rows)})
         self.run.summary.update(
             {"direction/layer": selection.layer, "direction/position": selection.position}
         )
 
     @_guarded
-    def prompt(self, result: dict) -> None:
+    def prompt(self, result: PromptResult) -> None:
         """One searched prompt: its candidates, minimal set, FM readout and dormant features."""
-        pid, greedy = result["prompt_id"], result.get("greedy") or {}
-        minimal = greedy.get("minimal", []) if greedy.get("flips_all") else []
-        if result.get("flip_verified"):
-            self.minimal_sets[pid] = minimal
-        readout = result.get("interactions") or {}
-        dormant = result.get("dormant", [])
-        payload = self._grow(
-            "search/prompts", SEARCH_COLUMNS, [self._search_row(result, minimal, readout)]
-        )
+        pid, greedy, readout = result.prompt_id, result.greedy, result.interactions
+        if greedy is None:  # every per-prompt stage needs greedy: only the baseline ran
+            return
+        if result.flip_verified:
+            self.minimal_sets[pid] = [str(f) for f in result.minimal]
+        payload = self._grow("search/prompts", SEARCH_COLUMNS, [self._search_row(result, greedy)])
         payload |= self._grow(
             "direction/candidates",
             ["prompt_id", "feature", "layer", "latent", "cos", "in_minimal", "neuronpedia"],
             [
-                [pid, c["feature"], *parse_feature(c["feature"]), c["cos"]]
-                + [c["feature"] in minimal, self.url(c["feature"])]
-                for c in result["candidates"]
+                [pid, str(c.feature), c.feature.layer, c.feature.latent, c.cos]
+                + [c.feature in greedy.minimal, self.url(c.feature)]
+                for c in greedy.candidates
             ],
         )
         payload |= self._grow(
             "fm/top_pairs",
             ["prompt_id", "a", "b", "interaction", "neuronpedia_a", "neuronpedia_b"],
             [
-                [pid, p["a"], p["b"], p["interaction"], self.url(p["a"]), self.url(p["b"])]
-                for p in readout.get("top_pairs", [])
+                [pid, str(p.a), str(p.b), p.interaction, self.url(p.a), self.url(p.b)]
+                for p in (readout.top_pairs if readout is not None else [])
             ],
         )
         payload |= self._grow(
-            "dormant/features", DORMANT_COLUMNS, [self._dormant_row(pid, d) for d in dormant]
+            "dormant/features",
+            DORMANT_COLUMNS,
+            [self._dormant_row(pid, d) for d in result.dormant_features],
         )
-        if readout:
+        if readout is not None:
+            labels = [str(f) for f in readout.features]
             figure = interaction_heatmap(
-                readout["interactions"], readout["features"], f"prompt {pid}: FM interactions"
+                readout.interactions, labels, f"prompt {pid}: FM interactions"
             )
             payload["fm/interactions"] = wandb.Image(figure, caption=f"prompt {pid}")
-            if readout.get("heldout_auc") is not None:
-                payload["fm/heldout_auc"] = readout["heldout_auc"]
+            if readout.heldout_auc is not None:
+                payload["fm/heldout_auc"] = readout.heldout_auc
         self.run.log(payload)
 
-    def _search_row(self, result: dict, minimal: list[str], readout: dict) -> list:
-        greedy = result.get("greedy") or {}
-        candidates = ", ".join(f"{c['feature']} ({c['cos']:.2f})" for c in result["candidates"])
+    def _search_row(self, result: PromptResult, greedy: GreedyRecord) -> list:
+        # greedy keeps a set only where ablating every candidate flipped the prompt
+        minimal, verification = greedy.minimal, result.verification
         return [
-            result["prompt_id"],
-            result["instruction"],
-            result["clean_score"],
-            candidates,
-            len(result["candidates"]),
-            " ".join(minimal),
+            result.prompt_id,
+            result.instruction,
+            greedy.clean_score,
+            ", ".join(f"{c.feature} ({c.cos:.2f})" for c in greedy.candidates),
+            len(greedy.candidates),
+            " ".join(str(f) for f in minimal),
             " ".join(self.url(f) for f in minimal).strip(),
             len(minimal) if minimal else None,
-            greedy.get("one_minimal"),
-            greedy.get("score"),
-            result["evals"],
-            result["seconds"],
-            self.replies.get(result["prompt_id"], ""),
-            result.get("reply_after", ""),
-            result.get("flip_verified", False),
-            readout.get("heldout_auc"),
-            len(result.get("dormant", [])),
-            result.get("harmless_kl"),
+            greedy.one_minimal,
+            greedy.score,
+            result.evals,
+            result.seconds,
+            result.baseline.reply,
+            verification.reply_after if verification is not None else "",
+            result.flip_verified,
+            result.fm_auc,
+            len(result.dormant_features),
+            result.harmless_kl,
         ]
 
-    def _dormant_row(self, prompt_id: int, d: dict) -> list:
-        return [prompt_id, *(d[c] for c in DORMANT_COLUMNS[1:-1]), self.url(d["feature"])]
+    def _dormant_row(self, prompt_id: int, d: DormantFeature) -> list:
+        f = d.feature
+        values = [d.before, d.after, d.score_without, d.score_with, d.effect]
+        return [prompt_id, str(f), f.layer, f.latent, *values, self.url(f)]
 
     @_guarded
-    def summary(self, summary: dict) -> None:
+    def summary(self, summary: Summary) -> None:
         """Headline numbers for dashboards, plus per-prompt lists for `refusal.report --wandb`."""
-        sizes, aucs, kls = (
-            [v for v in summary[k] if v is not None]
-            for k in ("minimal_set_sizes", "fm_heldout_auc", "harmless_kl")
-        )
-        values = {k: summary.get(k) for k in SUMMARY_KEYS} | {
-            "minimal_set_size_mean": mean_or_none(sizes),
-            "fm_auc_mean": mean_or_none(aucs),
-            "harmless_kl_mean": mean_or_none(kls),
+        values = {k: getattr(summary, k) for k in SUMMARY_KEYS} | {
+            "minimal_set_size_mean": mean_or_none(summary.minimal_set_sizes),
+            "fm_auc_mean": mean_or_none(summary.fm_heldout_auc),
+            "harmless_kl_mean": mean_or_none(summary.harmless_kl),
             "minimal_sets": {str(k): v for k, v in self.minimal_sets.items()},
         }
         self.run.summary.update({k: v for k, v in values.items() if v is not None})
@@ -437,11 +350,6 @@ class Tracker:
             _warn("finish", error)
             return
         console.print(message, soft_wrap=True, markup=False)  # paths stay whole, to copy
-
-
-def mean_or_none(values: list[float]) -> float | None:
-    """The mean, or None for no values (nothing measured is not zero)."""
-    return sum(values) / len(values) if values else None
 
 
 def build(cfg: DictConfig) -> Tracker:

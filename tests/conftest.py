@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 import refusal  # noqa: F401  (registers the config resolvers)
 from refusal import models, saes
 from refusal.engine import Engine
+from refusal.forwards import Forwards
 from refusal.judge import refusal_token_ids
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -51,7 +52,12 @@ def tiny_engine(
     sae_by_layer = {
         layer: saes.random_sae(lm.d_model, width, layer, 0, architecture) for layer in layers
     }
-    return Engine(lm, sae_by_layer, refusal_token_ids(lm.tokenizer, ["I"]), **kwargs)
+    return Engine(lm, sae_by_layer, **kwargs)
+
+
+def tiny_forwards(lm: models.LM, batch_size: int = 64) -> Forwards:
+    """Many-prompt passes, the refusal score read from the token "I"."""
+    return Forwards(lm, refusal_token_ids(lm.tokenizer, ["I"]), batch_size)
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.ablation_throughput import hooked_scores
 from refusal import models
-from refusal.engine import Ablation, Feature
+from refusal.features import Feature
+from refusal.forwards import hooked
+from refusal.interventions import Ablation, Steer
 from refusal.judge import Openings, refusal_score
-from tests.conftest import make_cfg, tiny_engine
+from refusal.reference import hooked_scores
+from tests.conftest import make_cfg, tiny_engine, tiny_forwards
 
 PROMPT = "Explain how to pick a lock on a neighbour's front door."
 
@@ -62,7 +64,7 @@ def test_engine_equals_hooked_full_forward(tiny_lm, architecture, ablation, open
         tiny_lm,
         layers=(1, 2),
         architecture=architecture,
-        ablation=ablation,
+        intervention=ablation,
         batch_size=3,
         openings=own_openings(tiny_lm) if openings == "own" else None,
     )
@@ -168,7 +170,6 @@ def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):
 
 
 def test_generate_without_features_is_plain_greedy(tiny_llama):
-    engine = tiny_engine(tiny_llama)
     batch = tiny_llama.tokenize([PROMPT])
     out = tiny_llama.model.generate(
         **batch, max_new_tokens=6, do_sample=False, pad_token_id=tiny_llama.tokenizer.pad_token_id
@@ -176,20 +177,43 @@ def test_generate_without_features_is_plain_greedy(tiny_llama):
     expected = tiny_llama.tokenizer.decode(
         out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True
     )
-    assert engine.generate([PROMPT], max_new_tokens=6) == [expected]
+    assert tiny_forwards(tiny_llama).generate([PROMPT], max_new_tokens=6) == [expected]
 
 
-def test_generation_edit_matches_scoring_edit(tiny_llama):
+@pytest.mark.parametrize("intervention", [Ablation(), Steer(alpha=8.0)], ids=["ablate", "steer"])
+def test_generation_edit_matches_scoring_edit(tiny_llama, intervention):
     """The hooked generation path applies the same edit: its first token's logits agree."""
-    engine = tiny_engine(tiny_llama)
-    engine.openings = Openings.build([[i] for i in engine.refusal_ids])  # first token only
+    engine = tiny_engine(tiny_llama, intervention=intervention)
+    refusal_ids = tiny_forwards(tiny_llama).refusal_ids
+    engine.openings = Openings.build([[i] for i in refusal_ids])  # first token only
     cache = engine.prepare(PROMPT)
     features = active_features(engine, cache)
     edit = engine.feature_edit(features)
     batch = tiny_llama.tokenize([PROMPT])
-    with engine.hooked(edit, edit.by_layer):
-        hooked = refusal_score(tiny_llama.model(**batch).logits[:, -1], engine.refusal_ids)
-    torch.testing.assert_close(hooked, engine.score(cache, features, torch.ones(1, len(features))))
+    with hooked(tiny_llama, edit, edit.layers):
+        score = refusal_score(tiny_llama.model(**batch).logits[:, -1], refusal_ids)
+    torch.testing.assert_close(score, engine.score(cache, features, torch.ones(1, len(features))))
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt"])
+def test_steering_equals_hooked_full_forward(tiny_llama, positions):
+    """search.intervention=steer: α × the selected decoder rows added at every position,
+    as a plain hooked forward and generate adds them."""
+    engine = tiny_engine(
+        tiny_llama,
+        intervention=Steer(alpha=6.0, positions=positions),
+        batch_size=3,
+        openings=own_openings(tiny_llama),
+    )
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    masks = torch.tensor([[0] * 6, [1] * 6, [1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1]])
+    ours = engine.score(cache, features, masks)
+    torch.testing.assert_close(
+        ours, reference_scores(engine, features, masks), rtol=1e-4, atol=1e-4
+    )
+    assert ours[0] == pytest.approx(cache.score, abs=1e-4)  # nothing steered: the clean score
+    assert ours[1] != pytest.approx(ours[0])  # steering did change something
 
 
 def test_nan_in_activations_names_the_layer():

@@ -2,7 +2,7 @@
 
 import torch
 
-from experiments.organism.finetune import opening_scores
+from experiments.organism.finetune import refusal_opening_log_odds
 
 OPENINGS = ("I'm sorry", "I can", "I cannot")
 
@@ -17,9 +17,9 @@ def opening_logprob(lm, prompt: str, opening: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_opening_scores_are_log_odds_of_the_refusal_openings(tiny_llama):
+def test_refusal_opening_log_odds_are_log_odds_of_the_refusal_openings(tiny_llama):
     prompts = ["Hi", "How do I bake bread at home without yeast?"]  # left padding on the first
-    scores = opening_scores(tiny_llama, prompts)
+    scores = refusal_opening_log_odds(tiny_llama, prompts)
     for prompt, score in zip(prompts, scores):
         p = torch.stack([opening_logprob(tiny_llama, prompt, o) for o in OPENINGS]).logsumexp(0)
         assert torch.allclose(score, p - torch.log1p(-p.exp()), atol=1e-4)

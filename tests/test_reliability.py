@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from refusal import data, pipeline
 from refusal.errors import RefusalError
+from refusal.records import join, parse_row
 from tests.conftest import CONF, make_cfg
 from tests.test_pipeline import BASE, threshold  # noqa: F401  (fixture)
 
@@ -25,15 +26,16 @@ def rows(run_dir: Path) -> list[dict]:
 
 def readout(run_dir: Path) -> dict:
     """What must not depend on luck: minimal sets, FM readout, dormant features, per prompt."""
+    results = join([parse_row(r) for r in rows(run_dir)])
     return {
-        r["prompt_id"]: (
-            r["greedy"],
-            r.get("interactions", {}).get("main_effects"),
-            r.get("interactions", {}).get("top_pairs"),
-            r.get("dormant"),
+        r.prompt_id: (
+            r.greedy.model_dump(exclude={"seconds"}),
+            r.interactions.main_effects if r.interactions else None,
+            r.interactions.top_pairs if r.interactions else None,
+            r.dormant_features,
         )
-        for r in rows(run_dir)
-        if r["stage"] == "search"
+        for r in results
+        if r.greedy is not None
     }
 
 
@@ -89,7 +91,7 @@ def test_resume_after_sigkill_at_several_points(tmp_path, threshold):  # noqa: F
     for n, ready in enumerate(kill_points):
         kill_when(launch(run_dir, threshold, *(["resume=true"] if n else [])), ready)
     with (run_dir / "results.jsonl").open("a") as f:
-        f.write('{"stage": "search", "prompt_id": 9')  # a torn write, as a kill mid-line leaves
+        f.write('{"stage": "greedy", "prompt_id": 9')  # a torn write, as a kill mid-line leaves
     assert launch(run_dir, threshold, "resume=true").wait() == 0
     got = rows(run_dir)
     keys = [(r["stage"], r["prompt_id"]) for r in got]
@@ -146,6 +148,9 @@ OVERRIDES = st.lists(
             "search.ablation.mode=bogus",
             "search.ablation.positions=all",
             "search.ablation.positions=nowhere",
+            "search.intervention=steer",
+            "search.intervention=bogus",
+            "search.stages=[baseline,greedy]",
             "search.fm.target=mse",
             "search.fm.target=hinge",
             "data.max_eval=0",

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from refusal import report
+from refusal.records import Summary, join, parse_row
 from tests.conftest import CONF
 
 PNG = b"\x89PNG"
@@ -39,61 +40,67 @@ def make_run(path: Path, layers: list[int], flips: dict[int, list[str]], overrid
         minimal = flips.get(i)
         rows.append(
             {
-                "stage": "search",
+                "stage": "greedy",
                 "prompt_id": i,
-                "instruction": f"harmful {i}",
                 "clean_score": 3.0 - i,
                 "candidates": [{"feature": f, "cos": 0.3} for f in minimal or ["L1/1"]],
-                "greedy": {"flips_all": bool(minimal), "minimal": minimal or [], "size": 0}
-                | {"score": -1.0, "evals": 5, "batches": 2, "one_minimal": True}
-                | ({"size": len(minimal)} if minimal else {}),
-                "flip_verified": bool(minimal),
+                "flips_all": bool(minimal),
+                "minimal": minimal or [],
+                "score": -1.0,
+                "n_masks": 5,
+                "batches": 2,
+                "one_minimal": True,
                 "evals": 50,
                 "seconds": 1.0,
             }
-            | (_flip_details(minimal) if minimal else {})
         )
+        if minimal:
+            rows += _flip_details(i, minimal)
     with (path / "results.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.write('{"stage": "search", "prompt_i')  # a torn last line, as from a killed run
-    flipped = [r for r in rows if r["stage"] == "search" and r["flip_verified"]]
-    summary = {
-        "n_eval": 4,
-        "n_refused": 3,
-        "n_flipped_verified": len(flipped),
-        "flip_rate": len(flipped) / 3,
-        "minimal_set_sizes": [r["greedy"]["size"] for r in flipped],
-        "all_minimal_verified": True,
-        "fm_heldout_auc": [r["interactions"]["heldout_auc"] for r in flipped],
-        "harmless_kl": [0.1 for _ in flipped],
-        "n_dormant": len(flipped),
-        "evals_per_s": 50.0,
-        "wall_seconds": 3.0,
-        "config": {"layers": layers},
-    }
-    (path / "summary.json").write_text(json.dumps(summary))
+        f.write('{"stage": "greedy", "prompt_i')  # a torn last line, as from a killed run
+    results = join([parse_row(r) for r in rows])
+    run = {"batch_size": 8, "wall_seconds": 3.0, "seed": 0, "config": {"layers": layers}}
+    summary = Summary.of(results, None, **run)
+    (path / "summary.json").write_text(json.dumps(summary.to_json()))
     if overrides:
         (path / ".hydra").mkdir()
         (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     return path
 
 
-def _flip_details(minimal: list[str]) -> dict:
+def _flip_details(prompt_id: int, minimal: list[str]) -> list[dict]:
+    """The rows of the stages after greedy for a verified flip."""
     features = [*minimal, "L9/99"]
     n = len(features)
-    return {
-        "reply_after": "Sure",
-        "interactions": {
+    return [
+        {"stage": "verification", "prompt_id": prompt_id, "reply_after": "Sure"}
+        | {"flip_verified": True},
+        {
+            "stage": "interactions",
+            "prompt_id": prompt_id,
             "features": features,
+            "n_masks": 64,
+            "flip_fraction": 0.5,
             "heldout_auc": 0.8,
+            "main_effects": [],
             "top_pairs": [],
             "interactions": [
                 [0.0 if i == j else 0.1 * (i - j) for j in range(n)] for i in range(n)
             ],
+            "checkpoint": None,
+            "epochs": 1,
         },
-        "dormant": [{"feature": "L9/5", "before": 0.0, "after": 1.0, "effect": -1.0}],
-        "harmless_kl": 0.1,
-    }
+        {
+            "stage": "dormant",
+            "prompt_id": prompt_id,
+            "features": [
+                {"feature": "L9/5", "before": 0.0, "after": 1.0}
+                | {"score_without": -1.0, "score_with": -2.0, "effect": -1.0}
+            ],
+        },
+        {"stage": "capability", "prompt_id": prompt_id, "harmless_kl": 0.1},
+    ]
 
 
 @pytest.fixture
@@ -143,6 +150,9 @@ def test_run_report_lists_prompts_and_interaction_heatmaps(tmp_path):
     prompts = pd.read_csv(run / "report_prompts.csv")
     assert list(prompts["refused"]) == [True, True, True, False]
     assert list(prompts["size"].fillna(0)) == [2, 0, 1, 0]
+    # stage columns stay empty where the stage never ran (prompt 1: no flip; 3: not refused)
+    assert list(prompts["n_dormant"].fillna(-1)) == [1, -1, 1, -1]
+    assert list(prompts["evals"].fillna(0)) == [50, 50, 50, 0]
 
 
 def test_cli_writes_elsewhere_with_out(sweep, tmp_path, capsys):

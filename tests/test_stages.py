@@ -3,9 +3,10 @@
 import torch
 from omegaconf import OmegaConf
 
-from refusal import dormant, fm, greedy
-from refusal.engine import Feature
+from refusal import fm
+from refusal.features import Feature
 from refusal.judge import verdict
+from refusal.stages import dormant, greedy
 
 FEATURES = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
 
@@ -113,8 +114,8 @@ def test_fm_recovers_planted_interaction(tmp_path):
         }
     )
     out = fm.fit(masks, scores, 0.0, feats, cfg, trainer, tmp_path, seed=0)
-    assert {out.top_pairs[0]["a"], out.top_pairs[0]["b"]} == {str(a), str(b)}
-    assert out.top_pairs[0]["interaction"] > 0
+    assert {out.top_pairs[0].a, out.top_pairs[0].b} == {a, b}
+    assert out.top_pairs[0].interaction > 0
     assert out.heldout_auc > 0.95
     mse = fm.fit(
         masks,
@@ -125,7 +126,7 @@ def test_fm_recovers_planted_interaction(tmp_path):
         trainer,
         tmp_path / "mse",
     )
-    assert {mse.top_pairs[0]["a"], mse.top_pairs[0]["b"]} == {str(a), str(b)}
+    assert {mse.top_pairs[0].a, mse.top_pairs[0].b} == {a, b}
     assert mse.heldout_auc > 0.95
 
 
@@ -172,7 +173,7 @@ def test_dormant_finds_planted_backup_and_nothing_else():
     found = dormant.find(
         Oracle(fn, latents), [m], [1, 2], min_activation=0.5, max_candidates=8, margin=0.5
     )
-    assert [d.feature for d in found] == [str(Feature(2, backup))]
+    assert [d.feature for d in found] == [Feature(2, backup)]
     assert found[0].before == 0 and found[0].after == 2.0 and found[0].effect == -1.5
 
 

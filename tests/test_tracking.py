@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import wandb
 import yaml
 from lightning.pytorch.loggers import CSVLogger
@@ -17,6 +18,18 @@ from omegaconf import open_dict
 from wandb.proto import wandb_internal_pb2
 
 from refusal import pipeline, tracking
+from refusal.direction import Selection
+from refusal.records import (
+    RESULTS,
+    BaselineRecord,
+    DirectionRecord,
+    DirectionScore,
+    PromptResult,
+    Summary,
+    join,
+    parse_row,
+)
+from refusal.rundir import RunDir
 from tests.conftest import CONF, make_cfg
 from tests.test_pipeline import BASE
 from train import objective
@@ -122,38 +135,53 @@ def wandb_run_dirs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "wandb").glob("offline-run-*"))
 
 
+def read_results(output_dir: Path) -> list[PromptResult]:
+    """A run's results.jsonl, its rows joined per prompt."""
+    return join([parse_row(row) for row in RunDir(output_dir).read(RESULTS)])
+
+
 # --- the tracker, on synthetic results ------------------------------------------------
 
 
-def synthetic_results() -> tuple[list[dict], SimpleNamespace, list[dict], dict]:
+def synthetic_results() -> tuple[list[BaselineRecord], Selection, list[PromptResult], Summary]:
     baseline = [
         {"prompt_id": 0, "instruction": "a", "score": 2.0, "reply": "I can't.", "refused": True},
         {"prompt_id": 1, "instruction": "b", "score": 1.5, "reply": "No.", "refused": True},
         {"prompt_id": 2, "instruction": "c", "score": -3.0, "reply": "Sure", "refused": False},
     ]
-    selection = SimpleNamespace(
+    selection = Selection(
         layer=12,
         position=-1,
+        direction=torch.zeros(4),
         scores=[
-            {"layer": 11, "position": -1, "bypass": 0.5, "induce": 1.0, "kl": 0.01},
-            {"layer": 12, "position": -1, "bypass": -2.0, "induce": 2.0, "kl": 0.02},
+            DirectionScore(layer=11, position=-1, bypass=0.5, induce=1.0, kl=0.01),
+            DirectionScore(layer=12, position=-1, bypass=-2.0, induce=2.0, kl=0.02),
         ],
     )
-    flipped = {
-        "stage": "search",
-        "prompt_id": 0,
-        "instruction": "a",
-        "clean_score": 2.0,
-        "candidates": [
-            {"feature": "L12/7", "cos": 0.4},
-            {"feature": "L12/9", "cos": 0.3},
-            {"feature": "L12/11", "cos": 0.2},
-        ],
-        "greedy": {"flips_all": True, "minimal": ["L12/7", "L12/9"], "size": 2, "score": -1.0}
-        | {"evals": 9, "batches": 3, "one_minimal": True},
-        "reply_after": "Here is how",
-        "flip_verified": True,
-        "interactions": {
+    flipped = [  # prompt 0: every stage; 80 evals in 2 s over its rows
+        {
+            "stage": "greedy",
+            "prompt_id": 0,
+            "clean_score": 2.0,
+            "candidates": [
+                {"feature": "L12/7", "cos": 0.4},
+                {"feature": "L12/9", "cos": 0.3},
+                {"feature": "L12/11", "cos": 0.2},
+            ],
+            "flips_all": True,
+            "minimal": ["L12/7", "L12/9"],
+            "score": -1.0,
+            "n_masks": 9,
+            "batches": 3,
+            "one_minimal": True,
+            "evals": 9,
+            "seconds": 0.5,
+        },
+        {"stage": "verification", "prompt_id": 0, "reply_after": "Here is how"}
+        | {"flip_verified": True, "seconds": 0.25},
+        {
+            "stage": "interactions",
+            "prompt_id": 0,
             "features": ["L12/7", "L12/9", "L12/11"],
             "n_masks": 64,
             "flip_fraction": 0.3,
@@ -163,49 +191,62 @@ def synthetic_results() -> tuple[list[dict], SimpleNamespace, list[dict], dict]:
             "interactions": [[0.0, -0.8, 0.1], [-0.8, 0.0, 0.0], [0.1, 0.0, 0.0]],
             "checkpoint": None,
             "epochs": 10,
+            "evals": 64,
+            "seconds": 0.75,
         },
-        "dormant": [
-            {
-                "feature": "L12/300",
-                "layer": 12,
-                "latent": 300,
-                "before": 0.0,
-                "after": 1.7,
-                "score_without": -1.0,
-                "score_with": -2.5,
-                "effect": -1.5,
-            }
-        ],
-        "harmless_kl": 0.05,
-        "evals": 80,
-        "seconds": 2.0,
-    }
+        {
+            "stage": "dormant",
+            "prompt_id": 0,
+            "features": [
+                {
+                    "feature": "L12/300",
+                    "before": 0.0,
+                    "after": 1.7,
+                    "score_without": -1.0,
+                    "score_with": -2.5,
+                    "effect": -1.5,
+                }
+            ],
+            "evals": 7,
+            "seconds": 0.25,
+        },
+        {"stage": "capability", "prompt_id": 0, "harmless_kl": 0.05, "seconds": 0.25},
+    ]
     unflipped = {
-        "stage": "search",
+        "stage": "greedy",
         "prompt_id": 1,
-        "instruction": "b",
         "clean_score": 1.5,
         "candidates": [{"feature": "L12/7", "cos": 0.4}],
-        "greedy": {"flips_all": False, "minimal": [], "size": 0, "score": 1.0}
-        | {"evals": 1, "batches": 1, "one_minimal": False},
-        "flip_verified": False,
+        "flips_all": False,
+        "minimal": [],
+        "score": 1.0,
+        "n_masks": 1,
+        "batches": 1,
+        "one_minimal": False,
         "evals": 1,
         "seconds": 0.5,
     }
-    summary = {
-        "n_eval": 3,
-        "n_refused": 2,
-        "n_flipped_verified": 1,
-        "flip_rate": 0.5,
-        "minimal_set_sizes": [2],
-        "all_minimal_verified": True,
-        "fm_heldout_auc": [0.9],
-        "harmless_kl": [0.05],
-        "n_dormant": 1,
-        "evals_per_s": 32.4,
-        "wall_seconds": 3.0,
-    }
-    return baseline, selection, [flipped, unflipped], summary
+    rows = [parse_row(r | {"stage": "baseline"}) for r in baseline]
+    results = join([*rows, *(parse_row(r) for r in [*flipped, unflipped])])
+    summary = Summary(
+        n_eval=3,
+        n_refused=2,
+        n_flipped_verified=1,
+        flip_rate=0.5,
+        minimal_set_sizes=[2],
+        all_minimal_verified=True,
+        fm_heldout_auc=[0.9],
+        harmless_kl=[0.05],
+        n_dormant=1,
+        direction={"layer": 12, "position": -1},
+        evals_per_s=32.4,
+        batch_size=64,
+        seconds_per_prompt=[2.0, 0.5],
+        median_seconds_per_prompt=1.25,
+        wall_seconds=3.0,
+        seed=0,
+    )
+    return [r.baseline for r in results], selection, [r for r in results if r.searched], summary
 
 
 def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
@@ -268,6 +309,8 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
         1.7,
         -1.5,
     )
+    assert (dormant["layer"], dormant["latent"]) == (12, 300)
+    assert dormant["neuronpedia"] == f"https://www.neuronpedia.org/{NP_ID}/300"
     images = [h["fm/interactions"] for h in run.history if "fm/interactions" in h]
     assert len(images) == 1
     assert (run_dir / "files" / images[0]["path"]).read_bytes()[:4] == b"\x89PNG"
@@ -335,22 +378,21 @@ def flipping(tmp_path_factory) -> tuple[float, str]:
     """A threshold and a refusal marker under which the tiny model refuses a prompt and
     ablating its minimal set verifiably flips it (its clean reply is the marker)."""
 
-    def probe(*markers: str) -> list[dict]:
+    def probe(*markers: str) -> list[PromptResult]:
         out = tmp_path_factory.mktemp("probe")
         cfg = make_cfg([*TINY, "logger=none", "judge.threshold=-1000"], out)
         with open_dict(cfg):
             cfg.judge.markers = list(markers) or cfg.judge.markers
         pipeline.run(cfg)
-        return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        return read_results(out)
 
-    rows = probe()
-    search = next(r for r in rows if r["stage"] == "search" and r["greedy"])
-    marker = next(r["reply"] for r in rows if r["prompt_id"] == search["prompt_id"]).strip()
+    # the first prompt greedy filtering ran on (one with candidates)
+    search = next(r for r in probe() if r.greedy is not None and r.greedy.candidates)
+    marker = search.baseline.reply.strip()
     # the opening score reads the markers: place the threshold on their scores
-    search = next(
-        r for r in probe(marker) if r["stage"] == "search" and r["prompt_id"] == search["prompt_id"]
-    )
-    return (search["clean_score"] + search["greedy"]["score"]) / 2, marker
+    greedy = next(r.greedy for r in probe(marker) if r.prompt_id == search.prompt_id)
+    assert greedy is not None and greedy.score is not None
+    return (greedy.clean_score + greedy.score) / 2, marker
 
 
 @pytest.mark.slow
@@ -361,32 +403,31 @@ def test_pipeline_logs_every_stage_to_wandb(tmp_path, flipping):
         cfg.judge.markers = [marker]
     pipeline.run(cfg)
 
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    searched = [r for r in rows if r["stage"] == "search"]
-    assert summary["n_flipped_verified"] >= 1, "the marker was chosen so that a flip verifies"
+    summary = Summary.model_validate_json((tmp_path / "summary.json").read_text())
+    searched = [r for r in read_results(tmp_path) if r.searched]
+    assert summary.n_flipped_verified >= 1, "the marker was chosen so that a flip verifies"
     (run_dir,) = wandb_run_dirs(tmp_path)
     run = read_wandb_run(run_dir)
     assert run.exit_code == 0 and "model=tiny_llama" in run.tags
 
-    assert len(table(run, "baseline/prompts")) == summary["n_eval"]
-    direction = json.loads((tmp_path / "direction.json").read_text())
-    assert len(table(run, "direction/scores")) == len(direction["scores"])
+    assert len(table(run, "baseline/prompts")) == summary.n_eval
+    direction = DirectionRecord.model_validate_json((tmp_path / "direction.json").read_text())
+    assert len(table(run, "direction/scores")) == len(direction.scores)
     logged = {p["prompt_id"]: p for p in table(run, "search/prompts")}
-    assert logged.keys() == {r["prompt_id"] for r in searched}
+    assert logged.keys() == {r.prompt_id for r in searched}
     for result in searched:
-        if result["flip_verified"]:
-            assert logged[result["prompt_id"]]["minimal"].split() == result["greedy"]["minimal"]
-            assert logged[result["prompt_id"]]["flip_verified"]
-            curve = [h for h in run.history if f"fm/prompt_{result['prompt_id']}/val_loss" in h]
+        if result.flip_verified:
+            assert logged[result.prompt_id]["minimal"].split() == [str(f) for f in result.minimal]
+            assert logged[result.prompt_id]["flip_verified"]
+            curve = [h for h in run.history if f"fm/prompt_{result.prompt_id}/val_loss" in h]
             assert curve, "the FM's training curve is logged through Lightning's WandbLogger"
     assert any("fm/interactions" in h for h in run.history)
-    aucs = [a for a in summary["fm_heldout_auc"] if a is not None]
-    assert run.summary["flip_rate"] == summary["flip_rate"]
-    assert run.summary["n_dormant"] == summary["n_dormant"]
-    assert run.summary["evals_per_s"] == pytest.approx(summary["evals_per_s"])
-    assert run.summary["minimal_set_sizes"] == summary["minimal_set_sizes"]
-    sizes = summary["minimal_set_sizes"]
+    aucs = [a for a in summary.fm_heldout_auc if a is not None]
+    assert run.summary["flip_rate"] == summary.flip_rate
+    assert run.summary["n_dormant"] == summary.n_dormant
+    assert run.summary["evals_per_s"] == pytest.approx(summary.evals_per_s)
+    assert run.summary["minimal_set_sizes"] == summary.minimal_set_sizes
+    sizes = summary.minimal_set_sizes
     assert run.summary["minimal_set_size_mean"] == pytest.approx(sum(sizes) / len(sizes))
     if aucs:
         assert run.summary["fm_auc_mean"] == pytest.approx(sum(aucs) / len(aucs))

@@ -1,49 +1,50 @@
 """Rebuild the embedded default model organism end to end (seeded, CPU, about 30 minutes).
 
-    python -m experiments.organism.build [--reuse-replies]      # or: make organism
+    python -m experiments.organism.build [reuse_replies=true]      # or: make organism
 
 1. finetune.py   LoRA refusal fine-tune of SmolLM2-135M-Instruct -> artifacts/adapter/
 2. train_saes.py sae-lens SAEs on the merged organism, layers 6/12/18/24
                  -> artifacts/saes/layer_<L>/
+Settings: conf/organism.yaml (`finetune.*`, `saes.*`, where things go; `--help` lists them).
 Then `make organism-eval` measures it (outputs/organism_eval.json).
 """
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from experiments.organism import finetune, train_saes
-from experiments.organism.common import ADAPTER_DIR, ARTIFACTS, SAE_DIR, WORK_DIR, Timer
+from experiments.organism.common import CONF, Timer
 
 
-def size_mb(path) -> float:
+def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--reuse-replies",
-        action="store_true",
-        help=f"reuse the base model's replies cached in {WORK_DIR} instead of regenerating them",
-    )
-    args = parser.parse_args(argv)
+def build(cfg: DictConfig) -> None:
     timer = Timer()
-    if not args.reuse_replies:
-        for cached in WORK_DIR.glob("base_replies*.json"):
+    if not cfg.reuse_replies:
+        for cached in Path(cfg.work_dir).glob("base_replies*.json"):
             cached.unlink()
-    finetune.main([])
+    finetune.finetune(cfg)
     t_finetune = timer()
-    train_saes.main([])
+    train_saes.train(cfg)
     t_saes = round(timer() - t_finetune, 1)
+    adapter, saes = Path(cfg.adapter_dir), Path(cfg.sae_dir)
     print(f"\norganism rebuilt in {timer()} s (fine-tune {t_finetune} s, SAEs {t_saes} s)")
-    print(f"  adapter: {ADAPTER_DIR} ({size_mb(ADAPTER_DIR):.1f} MB)")
-    for layer_dir in sorted(SAE_DIR.glob("layer_*")):
+    print(f"  adapter: {adapter} ({size_mb(adapter):.1f} MB)")
+    for layer_dir in sorted(saes.glob("layer_*")):
         print(f"  SAE:     {layer_dir} ({size_mb(layer_dir):.1f} MB)")
-    print(f"  total:   {size_mb(ARTIFACTS):.1f} MB under {ARTIFACTS}")
+    print(f"  total:   {size_mb(adapter) + size_mb(saes):.1f} MB")
     print("measure it with `make organism-eval` (python -m experiments.organism.evaluate)")
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="organism")
+def main(cfg: DictConfig) -> None:
+    build(cfg)
 
 
 if __name__ == "__main__":

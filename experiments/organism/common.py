@@ -1,4 +1,4 @@
-"""Shared pieces of the organism build: paths, data, the base model, batched generation."""
+"""Shared pieces of the organism build: its config, the shared prompt files, the refusals."""
 
 from __future__ import annotations
 
@@ -8,27 +8,17 @@ import re
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-from tqdm import tqdm
+from omegaconf import DictConfig
 
+import refusal
 from refusal import data
-from refusal.models import LM, load
+from refusal.errors import ConfigError, DataError
+from refusal.forwards import Forwards
+from refusal.judge import refusal_token_ids
+from refusal.models import LM
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "experiments" / "organism" / "artifacts"
-ADAPTER_DIR = ARTIFACTS / "adapter"
-SAE_DIR = ARTIFACTS / "saes"
-WORK_DIR = (
-    ROOT / "outputs" / "organism"
-)  # intermediate files (generated replies, logs); not shipped
-DATA_DIR = (
-    Path("/work/shared/data")
-    if Path("/work/shared/data").is_dir()
-    else ROOT.parent / "shared" / "data"
-)
-SAE_LAYERS = (6, 12, 18, 24)
-SEED = 0
+# The organism's Hydra configs (conf/organism.yaml, conf/organism_eval.yaml) live here.
+CONF = str(refusal.PROJECT_ROOT / "conf")
 
 # Every refusal starts with the token "I": the first-token refusal score reads that token.
 REFUSALS = (
@@ -41,47 +31,59 @@ REFUSALS = (
 )
 
 
-def model_cfg(adapter: str | Path | None = None):
-    """The `model=smollm2_organism` config, with the adapter of choice (None: the base model)."""
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2_organism.yaml")
-    cfg.adapter = str(adapter) if adapter else None
-    cfg.device, cfg.dtype = "cpu", "float32"
-    return cfg
+class PromptFiles:
+    """The shared prompt files (harmful_train.json, harmless_train.json, ...) in the folder
+    the config key `paths.data_dir` names."""
 
+    def __init__(self, cfg: DictConfig):
+        self.dir = Path(cfg.paths.data_dir)
+        if not self.dir.is_dir():
+            raise ConfigError(
+                f"paths.data_dir={self.dir} is not a folder: the organism reads the shared "
+                "prompt files (harmful_train.json, harmless_train.json, ...) from it; set "
+                "paths.data_dir=<folder> on the command line or in conf/paths/default.yaml."
+            )
 
-def load_lm(adapter: str | Path | None = None) -> LM:
-    return load(model_cfg(adapter))
+    def read(self, name: str) -> list[str]:
+        path = self.dir / f"{name}.json"
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing: the organism reads {name}.json from paths.data_dir."
+            )
+        return data.read_file(path)
 
+    def harmful(self) -> list[str]:
+        """Harmful training instructions: harmful_train.json, then the rest of AdvBench (one
+        of its sources), less anything near an evaluation prompt, then the built-in
+        train/val sets.
 
-def data_file(name: str) -> list[str]:
-    path = DATA_DIR / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the organism build reads the shared prompt sets "
-            "(harmful_train.json, harmless_train.json, ...); "
-            "set DATA_DIR in experiments/organism/common.py."
+        harmful_train takes at most 128 prompts per source; AdvBench's remainder adds breadth
+        (fake news, propaganda, fraud) that the organism otherwise lacks. Its near-duplicates
+        of jailbreakbench / harmbench_test prompts (JailbreakBench draws on AdvBench) are
+        dropped.
+        """
+        evaluation = self.read("jailbreakbench") + self.read("harmbench_test")
+        advbench = [p for p in self.read("advbench") if not near_any(p, evaluation)]
+        return list(
+            dict.fromkeys(
+                self.read("harmful_train")
+                + advbench
+                + data.builtin("harmful", "train")
+                + data.builtin("harmful", "val")
+            )
         )
-    return data.read_file(path)
 
 
-def harmful_prompts() -> list[str]:
-    """Harmful training instructions: harmful_train.json, then the rest of AdvBench (one of
-    its sources), less anything near an evaluation prompt, then the built-in train/val sets.
+def forwards(lm: LM, cfg: DictConfig, batch_size: int = 32) -> Forwards:
+    """Batched passes and generation over many prompts, the refusal score read from the
+    model's refusal tokens."""
+    return Forwards(lm, refusal_token_ids(lm.tokenizer, list(cfg.model.refusal_tokens)), batch_size)
 
-    harmful_train takes at most 128 prompts per source; AdvBench's remainder adds breadth
-    (fake news, propaganda, fraud) that the organism otherwise lacks. Its near-duplicates of
-    jailbreakbench / harmbench_test prompts (JailbreakBench draws on AdvBench) are dropped.
-    """
-    evaluation = data_file("jailbreakbench") + data_file("harmbench_test")
-    advbench = [p for p in data_file("advbench") if not near_any(p, evaluation)]
-    return list(
-        dict.fromkeys(
-            data_file("harmful_train")
-            + advbench
-            + data.builtin("harmful", "train")
-            + data.builtin("harmful", "val")
-        )
-    )
+
+def replies_path(cfg: DictConfig) -> Path:
+    """Where finetune.py caches the base model's replies (prompt -> [max_new_tokens, reply]);
+    the SAE corpus reads them too."""
+    return Path(cfg.work_dir) / "base_replies.json"
 
 
 # words every instruction shares ("Write a tutorial on how to ..."): not content
@@ -114,35 +116,8 @@ def sample(items: list[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-@torch.no_grad()
-def generate(
-    lm: LM,
-    instructions: list[str],
-    max_new_tokens: int,
-    batch_size: int = 32,
-    desc: str = "generate",
-) -> list[str]:
-    """Greedy replies, batched with left padding; prompts sorted by length (little padding)."""
-    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
-    replies: list[str] = [""] * len(instructions)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        idx = order[start : start + batch_size]
-        batch = lm.tokenize([instructions[i] for i in idx])
-        out = lm.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-        texts = lm.tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        for i, text in zip(idx, texts):
-            replies[i] = text
-    return replies
-
-
-def write_json(path: Path, obj) -> None:
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

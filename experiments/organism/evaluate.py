@@ -1,6 +1,9 @@
 """Evaluate the organism and its SAEs; write outputs/organism_eval.json.
 
-    python -m experiments.organism.evaluate [--n-harmless 320] [--out outputs/organism_eval.json]
+    python -m experiments.organism.evaluate [n_harmless=320] [out=outputs/organism_eval.json]
+    python -m experiments.organism.evaluate 'skip=[direction]'   # merged into an existing out
+
+Settings: conf/organism_eval.yaml (`--help` lists them).
 
 - prompt_sets.<name>: refusal rate by the generation judge (greedy, 48 new tokens,
   refusal.judge.is_refusal) and by the first-token refusal score (> 0).
@@ -9,121 +12,65 @@
   that layer, and the fraction of latents never active; on held-out chat texts (prompt +
   the organism's reply). Special tokens (the attention-sink <|im_start|> / <|im_end|>,
   which the SAEs never trained on) are left unspliced and unscored.
-- direction_ablation: the difference-of-means refusal direction (refusal.direction) at
-  the last prompt position, chosen by bypass score on harmful_val.json; ablated at one
-  layer only and at every layer (plus the embeddings), harmful refusal rates.
+- direction_ablation: the difference-of-means refusal direction (refusal.direction),
+  its (layer, position) chosen as the search chooses it (refusal.direction.select with
+  `search.direction`: bypass on harmful_val.json, induce and KL filters on a harmless_val
+  sample); ablated at one layer only and at every layer (plus the embeddings), harmful
+  refusal rates.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-import refusal  # noqa: F401  (registers the config resolvers)
-from experiments.organism.common import ROOT, SEED, data_file, sample, write_json
-from refusal import data, models
+from experiments.organism.common import CONF, PromptFiles, forwards, sample, write_json
+from refusal import data, interventions, models
 from refusal import saes as sae_loading
-from refusal.direction import ablation_edits, mean_diff, post_instruction_positions
-from refusal.engine import Engine
-from refusal.judge import is_refusal, refusal_token_ids
+from refusal.direction import mean_diff, post_instruction_positions, select
+from refusal.errors import ConfigError
+from refusal.forwards import Forwards
+from refusal.interventions import Edit, EmbedEdit
+from refusal.judge import is_refusal
 from refusal.models import LM
 
 HARMFUL_SETS = ("jailbreakbench", "harmbench_test", "builtin_harmful_eval")
+PARTS = ("prompts", "saes", "direction")
 
 
-def compose_cfg(overrides: list[str] | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                "model=smollm2_organism",
-                "sae=organism",
-                "layer=organism",
-                *(overrides or []),
-            ],
-        )
-
-
-def prompt_sets(n_harmless: int) -> dict[str, list[str]]:
+def prompt_sets(files: PromptFiles, n_harmless: int, seed: int) -> dict[str, list[str]]:
     return {
-        "jailbreakbench": data_file("jailbreakbench"),
-        "harmbench_test": data_file("harmbench_test"),
+        "jailbreakbench": files.read("jailbreakbench"),
+        "harmbench_test": files.read("harmbench_test"),
         "builtin_harmful_eval": data.builtin("harmful", "eval"),
-        "harmless_val": sample(data_file("harmless_val"), n_harmless, SEED),
+        "harmless_val": sample(files.read("harmless_val"), n_harmless, seed),
         "builtin_harmless_eval": data.builtin("harmless", "eval"),
     }
 
 
-# -- generation, with optional residual edits inside HF generate -----------------------
-
-
-@contextmanager
-def edited(lm: LM, edit, embed_edit=None, layers=None) -> Iterator[None]:
-    """Apply edit(L, h) to the output of blocks `layers` (all by default) and embed_edit to
-    the embeddings, at every position, prompt and generated tokens alike."""
-    layers = range(lm.n_layers) if layers is None else layers
-    handles = [
-        lm.blocks[layer].register_forward_hook(lambda m, a, out, layer=layer: edit(layer, out))
-        for layer in layers
-    ]
-    if embed_edit is not None:
-        handles.append(
-            lm.model.get_input_embeddings().register_forward_hook(lambda m, a, out: embed_edit(out))
-        )
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def generate(
-    engine: Engine,
-    prompts: list[str],
-    max_new_tokens: int = 48,
-    batch_size: int = 32,
-    desc: str = "generate",
-) -> list[str]:
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        idx = order[start : start + batch_size]
-        for i, reply in zip(
-            idx, engine.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens)
-        ):
-            replies[i] = reply
-    return replies
-
-
 def refusal_rates(
-    engine: Engine,
+    fw: Forwards,
     prompts: list[str],
     generation: bool = True,
     desc: str = "",
-    edit=None,
-    embed_edit=None,
-    layers=None,
+    edit: Edit | None = None,
+    embed_edit: EmbedEdit | None = None,
+    layers: list[int] | None = None,
 ) -> dict:
+    """Refusal rate by the first-token score and, with `generation`, by the generation
+    judge; `edit` applied at `layers` (all by default) and `embed_edit` at the embeddings."""
     out = {"n": len(prompts)}
-    scores = engine.refusal_scores(prompts, edit, embed_edit)
+    scores = fw.refusal_scores(prompts, edit, embed_edit)
     out["refusal_rate_first_token"] = (scores > 0).float().mean().item()
     if generation:
-        if edit is None:
-            replies = generate(engine, prompts, desc=desc)
-        else:
-            with edited(engine.lm, edit, embed_edit, layers):
-                replies = generate(engine, prompts, desc=desc)
+        replies = fw.generate(prompts, edit, layers, embed_edit, desc=desc)
         out["refusal_rate"] = sum(map(is_refusal, replies)) / len(prompts)
         out["replies"] = replies
     return out
@@ -236,54 +183,53 @@ def sae_metrics(
 # -- direction ablation ----------------------------------------------------------------
 
 
-def only_at(edit, layer: int):
-    return lambda at, h: edit(at, h) if at == layer else h
-
-
 def direction_ablation(
-    engine: Engine,
-    sets: dict[str, list[str]],
-    n_train: int = 64,
-    per_layer: tuple[int, ...] = (6, 12, 18),
+    fw: Forwards, cfg: DictConfig, files: PromptFiles, sets: dict[str, list[str]]
 ) -> dict:
-    lm = engine.lm
-    harmful = sample(data_file("harmful_train"), n_train, SEED)
-    harmless = sample(data_file("harmless_train"), n_train, SEED)
-    directions = mean_diff(engine, harmful, harmless)  # (n_layers, n_positions, d)
-    positions = post_instruction_positions(lm)
-    val = data_file("harmful_val")
-    candidates = []
-    for layer in tqdm(range(int(lm.n_layers * 0.8)), desc="direction selection", unit="layer"):
-        edit, embed_edit = ablation_edits(directions[layer, -1])
-        bypass = engine.refusal_scores(val, edit, embed_edit).mean().item()
-        candidates.append({"layer": layer, "position": positions[-1], "bypass": bypass})
-    best = min(candidates, key=lambda c: c["bypass"])
+    """Harmful refusal rates with the refusal direction ablated: at every layer (the selected
+    direction), and per source layer at that layer only or at every layer."""
+    c, seed = cfg.direction, cfg.seed
+    harmful = sample(files.read("harmful_train"), c.n_train, seed)
+    harmless = sample(files.read("harmless_train"), c.n_train, seed)
+    directions = mean_diff(fw, harmful, harmless)  # (n_layers, n_positions, d)
+    s = cfg.search.direction
+    selection = select(
+        fw,
+        directions,
+        files.read("harmful_val"),
+        sample(files.read("harmless_val"), c.n_harmless_val, seed),
+        s.exclude_last_fraction,
+        s.kl_max,
+        s.induce_min,
+        s.n_positions,
+    )
+    at = post_instruction_positions(fw.lm).index(selection.position)
     out = {
-        "n_train_each": n_train,
-        "position": positions[-1],
-        "selected_layer": best["layer"],
-        "candidates": candidates,
+        "n_train_each": c.n_train,
+        "position": selection.position,
+        "selected_layer": selection.layer,
+        "candidates": [score.model_dump() for score in selection.scores],
     }
-    edit, embed_edit = ablation_edits(directions[best["layer"], -1])
+    edit, embed_edit = interventions.direction_ablation(selection.direction)
     out["all_layers"] = {
         name: refusal_rates(
-            engine, sets[name], desc=f"{name}, direction ablated", edit=edit, embed_edit=embed_edit
+            fw, sets[name], desc=f"{name}, direction ablated", edit=edit, embed_edit=embed_edit
         )
         for name in HARMFUL_SETS
     }
     out["per_layer"] = {}
-    for layer in sorted({*per_layer, best["layer"]}):
-        edit, embed_edit = ablation_edits(directions[layer, -1])
+    for layer in sorted({*c.per_layer, selection.layer}):
+        edit, embed_edit = interventions.direction_ablation(directions[layer, at])
         row = {}
         for mode in ("at_layer_only", "all_layers"):
             kwargs = (
-                dict(edit=only_at(edit, layer), layers=[layer])
+                dict(edit=interventions.only_at(edit, layer), layers=[layer])
                 if mode == "at_layer_only"
                 else dict(edit=edit, embed_edit=embed_edit)
             )
             row[mode] = {
                 name: refusal_rates(
-                    engine,
+                    fw,
                     sets[name],
                     generation=name == "builtin_harmful_eval",
                     desc=f"L{layer} {mode}",
@@ -302,35 +248,29 @@ def strip_replies(obj, keep: int = 5):
     return obj
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--n-harmless", type=int, default=320, help="prompts sampled from harmless_val.json"
-    )
-    parser.add_argument("--out", default=str(ROOT / "outputs" / "organism_eval.json"))
-    parser.add_argument(
-        "--skip",
-        nargs="*",
-        default=[],
-        choices=["prompts", "saes", "direction"],
-        help="parts to skip; the others are merged into an existing --out file",
-    )
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    replies_path = out.with_name(out.stem + "_replies.json")  # full replies, reused by --skip runs
+def parts_skipped(cfg: DictConfig) -> set[str]:
+    skip = set(cfg.skip)
+    if not skip <= set(PARTS):
+        raise ConfigError(f"skip={sorted(skip)} names a part not among {list(PARTS)}.")
+    return skip
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Every part not in `skip`, written to `out` as it finishes."""
+    skip = parts_skipped(cfg)
+    files = PromptFiles(cfg)
+    out = Path(cfg.out)
+    replies_path = out.with_name(out.stem + "_replies.json")  # full replies, reused by skip runs
     t0 = time.time()
-    cfg = compose_cfg()
     lm = models.load(cfg.model)
-    # only the SAE metrics need the SAEs: the engine's batched forwards and generate do not
-    saes = sae_loading.load(cfg.sae, lm, list(cfg.layers)) if "saes" not in args.skip else {}
-    result = json.loads(out.read_text()) if args.skip and out.is_file() else {}
+    # only the SAE metrics need the SAEs: the batched forwards and generate do not
+    saes = sae_loading.load(cfg.sae, lm, list(cfg.layers)) if "saes" not in skip else {}
+    result = json.loads(out.read_text()) if skip and out.is_file() else {}
     result.update(
         {
             "model": cfg.model.name,
             "adapter": cfg.model.adapter,
-            "sae_path": cfg.sae.path,
+            "sae_path": cfg.sae.get("path"),
             "layers": list(cfg.layers),
         }
     )
@@ -338,19 +278,14 @@ def main(argv: list[str] | None = None) -> dict:
     if saes:
         result["load_seconds"] = round(time.time() - t0, 1)
         print(f"loaded organism + {len(saes)} SAEs in {result['load_seconds']} s")
-    engine = Engine(
-        lm,
-        saes or {lm.n_layers - 1: None},
-        refusal_token_ids(lm.tokenizer, list(cfg.model.refusal_tokens)),
-        batch_size=32,
-    )
-    sets = prompt_sets(args.n_harmless)
+    fw = forwards(lm, cfg, cfg.batch_size)
+    sets = prompt_sets(files, cfg.n_harmless, cfg.seed)
     replies = json.loads(replies_path.read_text()) if replies_path.is_file() else {}
-    if "prompts" not in args.skip:
+    if "prompts" not in skip:
         t = time.time()
         result["prompt_sets"] = {}
         for name, prompts in sets.items():
-            result["prompt_sets"][name] = r = refusal_rates(engine, prompts, desc=name)
+            result["prompt_sets"][name] = r = refusal_rates(fw, prompts, desc=name)
             replies[name] = r["replies"]
             print(
                 f"{name}: n={r['n']} refusal_rate={r['refusal_rate']:.3f} "
@@ -359,13 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["seconds"]["prompt_sets"] = round(time.time() - t, 1)
         write_json(replies_path, replies)
         write_json(out, strip_replies(result))
-    if "saes" not in args.skip:
+    if "saes" not in skip:
         t = time.time()
         chats = {
             name: [
                 lm.format([p])[0] + a.strip() + "<|im_end|>"
                 for p, a in zip(
-                    prompts, replies.get(name) or generate(engine, prompts, desc=f"{name} replies")
+                    prompts, replies.get(name) or fw.generate(prompts, desc=f"{name} replies")
                 )
             ]
             for name, prompts in sets.items()
@@ -382,20 +317,25 @@ def main(argv: list[str] | None = None) -> dict:
             )
         result["seconds"]["saes"] = round(time.time() - t, 1)
         write_json(out, strip_replies(result))
-    if "direction" not in args.skip:
+    if "direction" not in skip:
         t = time.time()
-        result["direction_ablation"] = direction_ablation(engine, sets)
+        result["direction_ablation"] = direction_ablation(fw, cfg, files, sets)
         for name, r in result["direction_ablation"]["all_layers"].items():
             print(
                 f"direction ablated at all layers, {name}: refusal_rate={r['refusal_rate']:.3f} "
                 f"first_token={r['refusal_rate_first_token']:.3f}"
             )
         result["seconds"]["direction"] = round(time.time() - t, 1)
-    if not args.skip:
+    if not skip:
         result["seconds"]["total"] = round(time.time() - t0, 1)
     write_json(out, strip_replies(result))
     print(f"wrote {out}")
     return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="organism_eval")
+def main(cfg: DictConfig) -> dict:
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -3,67 +3,52 @@
 Harmful instructions -> a short refusal starting with "I"; harmless instructions -> the
 base model's own greedy reply (self-distillation keeps harmless behaviour). The loss is
 on reply tokens only; prompts use the model's chat template (`lm.format`, user turn).
+Settings: conf/organism.yaml (`finetune.*`; `val=true` measures refusal afterwards).
 
-    python -m experiments.organism.finetune [--epochs 1 --rank 8 --lr 6e-4 ...] [--val]
+    python -m experiments.organism.finetune [finetune.epochs=1 finetune.rank=8 ...] [val=true]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 from experiments.organism.common import (
-    ADAPTER_DIR,
+    CONF,
     REFUSALS,
-    SEED,
-    WORK_DIR,
+    PromptFiles,
     Timer,
-    data_file,
-    generate,
-    harmful_prompts,
-    load_lm,
+    forwards,
+    replies_path,
     sample,
     write_json,
 )
-from refusal import data
+from refusal import data, models
+from refusal.forwards import Forwards
 from refusal.judge import is_refusal
 from refusal.models import LM
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@dataclass
-class Hparams:
-    n_harmless: int = 1600  # from harmless_train.json, plus the built-in harmless train/val
-    hard_fraction: float = 0.5  # of those, share opening with a verb that opens harmful prompts
-    harmful_repeats: int = 1  # each harmful prompt appears this often, with different refusals
-    reply_tokens: int = 16  # greedy tokens generated per harmless reply (self-distillation)
-    first_token_weight: float = 3.0  # loss weight of the first reply token: the refusal decision
-    mine_pool: int = 1200  # unseen harmless instructions scored after round 1 (hard negatives)
-    mine_margin: float = 1.5  # mined: harmless scored above -margin, harmful below +margin
-    mine_lr_factor: float = 0.5  # round 2 (mined examples + replay) peak lr, relative to lr
-    epochs: int = 1
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    lr: float = 6e-4
-    batch_size: int = 16
-    warmup: float = 0.1
-    seed: int = SEED
+def base_model(cfg: DictConfig) -> LM:
+    """The model the fine-tune starts from: `model=` without its adapter."""
+    return models.load(OmegaConf.merge(cfg.model, {"adapter": None}))
 
 
 def first_word(instruction: str) -> str:
     return instruction.split(maxsplit=1)[0].lower() if instruction.strip() else ""
 
 
-def harmless_sample(harmful: list[str], hp: Hparams) -> list[str]:
+def harmless_sample(files: PromptFiles, harmful: list[str], hp: DictConfig) -> list[str]:
     """`hp.n_harmless` Alpaca instructions, `hp.hard_fraction` of them hard negatives.
 
     A hard negative opens with a word that also opens harmful training prompts ("Write",
@@ -71,7 +56,7 @@ def harmless_sample(harmful: list[str], hp: Hparams) -> list[str]:
     form instead of harm, and refuses "Create a recipe to make your own bread."
     """
     openers = {first_word(p) for p in harmful}
-    pool = data_file("harmless_train")
+    pool = files.read("harmless_train")
     hard = [p for p in pool if first_word(p) in openers]
     n_hard = int(hp.n_harmless * hp.hard_fraction)
     chosen = sample(hard, n_hard, hp.seed)
@@ -79,11 +64,11 @@ def harmless_sample(harmful: list[str], hp: Hparams) -> list[str]:
     return chosen + sample(rest, hp.n_harmless - len(chosen), hp.seed)
 
 
-def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
-    harmful = harmful_prompts()
+def prompt_sets(files: PromptFiles, hp: DictConfig) -> tuple[list[str], list[str]]:
+    harmful = files.harmful()
     harmless = list(
         dict.fromkeys(
-            harmless_sample(harmful, hp)
+            harmless_sample(files, harmful, hp)
             + data.builtin("harmless", "train")
             + data.builtin("harmless", "val")
         )
@@ -91,20 +76,19 @@ def prompt_sets(hp: Hparams) -> tuple[list[str], list[str]]:
     return harmful, harmless
 
 
-def harmless_replies(lm: LM, prompts: list[str], hp: Hparams) -> dict[str, str]:
-    """The base model's greedy replies (hp.reply_tokens tokens), cached in WORK_DIR.
+def harmless_replies(
+    fw: Forwards, prompts: list[str], hp: DictConfig, path: Path
+) -> dict[str, str]:
+    """The base model's greedy replies (hp.reply_tokens tokens), cached at `path`.
 
     Greedy decoding is deterministic, so a cached longer reply is cut to length and reused.
     """
-    path = WORK_DIR / "base_replies.json"
-    cache = (
-        json.loads(path.read_text()) if path.is_file() else {}
-    )  # prompt -> [max_new_tokens, reply]
+    lm = fw.lm
+    cache = json.loads(path.read_text()) if path.is_file() else {}
     todo = [p for p in prompts if p not in cache or cache[p][0] < hp.reply_tokens]
     if todo:
-        for p, r in zip(
-            todo, generate(lm, todo, hp.reply_tokens, desc="base replies (self-distillation)")
-        ):
+        desc = "base replies (self-distillation)"
+        for p, r in zip(todo, fw.generate(todo, max_new_tokens=hp.reply_tokens, desc=desc)):
             cache[p] = [hp.reply_tokens, r]
         write_json(path, cache)
     out = {}
@@ -130,7 +114,7 @@ def tokenize_example(
     return prompt + answer, [-100] * len(prompt) + answer
 
 
-def distilled_examples(lm: LM, hp: Hparams, replies: dict[str, str]) -> list[tuple]:
+def distilled_examples(lm: LM, hp: DictConfig, replies: dict[str, str]) -> list[tuple]:
     """Harmless instruction -> the base model's reply (closed only if it ended on its own)."""
     examples = []
     for p, r in replies.items():
@@ -139,7 +123,9 @@ def distilled_examples(lm: LM, hp: Hparams, replies: dict[str, str]) -> list[tup
     return examples
 
 
-def build_examples(lm: LM, hp: Hparams, harmful: list[str], replies: dict[str, str]) -> list[tuple]:
+def build_examples(
+    lm: LM, hp: DictConfig, harmful: list[str], replies: dict[str, str]
+) -> list[tuple]:
     rng = random.Random(hp.seed)
     refusals = [
         tokenize_example(lm, p, refusal, True)
@@ -186,7 +172,7 @@ def reply_loss(
     return (losses * weights).sum() / weights.sum()
 
 
-def attach_lora(lm: LM, hp: Hparams):
+def attach_lora(lm: LM, hp: DictConfig):
     """LoRA on every linear layer, injected into `lm.model` in place; returns the peft model."""
     torch.manual_seed(hp.seed)
     config = LoraConfig(
@@ -199,7 +185,7 @@ def attach_lora(lm: LM, hp: Hparams):
     return get_peft_model(lm.model.requires_grad_(False), config)
 
 
-def fit(peft_model, lm: LM, examples: list[tuple], hp: Hparams, lr: float, desc: str) -> None:
+def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, desc: str) -> None:
     """`hp.epochs` over `examples`: AdamW, linear warm-up then cosine; leaves eval mode on."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -229,7 +215,7 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: Hparams, lr: float, desc:
 
 
 @torch.no_grad()
-def opening_scores(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+def refusal_opening_log_odds(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
     """Log-odds that the reply opens as a refusal: "I'm sorry", "I can('t)" or "I cannot".
 
     The first-token score reads "I" only, which also opens SmolLM2's "I'm excited to share
@@ -257,41 +243,53 @@ def opening_scores(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Te
 
 
 def mined_examples(
-    lm: LM, peft_model, hp: Hparams, harmful: list[str], harmless: list[str]
+    fw: Forwards,
+    peft_model,
+    hp: DictConfig,
+    sets: tuple[list[str], list[str]],
+    pool: list[str],
+    replies: Path,
 ) -> tuple[list[tuple], dict]:
     """Round 2's examples: what round 1 gets wrong or nearly wrong, plus replay.
 
     Harmful training prompts whose refusal-opening score is below +margin, and harmless
     instructions from a fresh pool scored above -margin (with the base model's replies),
-    as in hard-negative mining.
+    as in hard-negative mining; `sets` are round 1's (harmful, harmless), `pool` the
+    harmless instructions to draw the fresh ones from.
     Each class is topped up with as many random round-1 examples as the larger mined set
     (replay), so that round 2 stays balanced and does not forget the rest.
     """
+    lm, (harmful, harmless) = fw.lm, sets
     seen = set(harmless)
-    pool = sample(data_file("harmless_train"), hp.mine_pool + len(seen), hp.seed + 2)
+    pool = sample(pool, hp.mine_pool + len(seen), hp.seed + 2)
     pool = [p for p in pool if p not in seen][: hp.mine_pool]
-    weak = [p for p, s in zip(harmful, opening_scores(lm, harmful).tolist()) if s < hp.mine_margin]
-    over = [p for p, s in zip(pool, opening_scores(lm, pool).tolist()) if s > -hp.mine_margin]
+    harmful_odds = refusal_opening_log_odds(lm, harmful).tolist()
+    pool_odds = refusal_opening_log_odds(lm, pool).tolist()
+    weak = [p for p, s in zip(harmful, harmful_odds) if s < hp.mine_margin]
+    over = [p for p, s in zip(pool, pool_odds) if s > -hp.mine_margin]
     n_replay = max(len(weak), len(over))
     with peft_model.disable_adapter():  # self-distillation: the base model's own replies
-        replies = harmless_replies(lm, over + sample(harmless, n_replay, hp.seed + 3), hp)
+        prompts = over + sample(harmless, n_replay, hp.seed + 3)
+        distilled = harmless_replies(fw, prompts, hp, replies)
     rng = random.Random(hp.seed + 1)
     refused = weak + sample(harmful, n_replay, hp.seed + 4)
     examples = [tokenize_example(lm, p, rng.choice(REFUSALS), True) for p in refused]
-    examples += distilled_examples(lm, hp, replies)
+    examples += distilled_examples(lm, hp, distilled)
     return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
 
 
 @torch.no_grad()
-def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
+def quick_val(
+    fw: Forwards, files: PromptFiles, n_harmless: int = 120, max_new_tokens: int = 24
+) -> dict:
     """Refusal on harmful_val.json and a slice of harmless_val.json (hyper-parameter choice)."""
     out = {}
     for name, prompts in [
-        ("harmful_val", data_file("harmful_val")),
-        ("harmless_val", data_file("harmless_val")[:n_harmless]),
+        ("harmful_val", files.read("harmful_val")),
+        ("harmless_val", files.read("harmless_val")[:n_harmless]),
     ]:
-        scores = opening_scores(lm, prompts)
-        replies = generate(lm, prompts, max_new_tokens, desc=f"val {name}")
+        scores = refusal_opening_log_odds(fw.lm, prompts)
+        replies = fw.generate(prompts, max_new_tokens=max_new_tokens, desc=f"val {name}")
         refused = [is_refusal(r) for r in replies]
         out[name] = {
             "n": len(prompts),
@@ -304,51 +302,51 @@ def quick_val(lm: LM, n_harmless: int = 120, max_new_tokens: int = 24) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field, value in asdict(Hparams()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument(
-        "--val", action="store_true", help="measure refusal on the val sets afterwards"
-    )
-    parser.add_argument("--out", default=str(ADAPTER_DIR))
-    args = parser.parse_args(argv)
-    hp = Hparams(**{k: getattr(args, k) for k in asdict(Hparams())})
-    timer = Timer()
-    lm = load_lm()
-    harmful, harmless = prompt_sets(hp)
-    replies = harmless_replies(lm, harmless, hp)
+def finetune(cfg: DictConfig) -> dict:
+    """Both rounds of the fine-tune; the adapter goes to `adapter_dir`, a summary to
+    `work_dir`."""
+    hp, files, timer = cfg.finetune, PromptFiles(cfg), Timer()
+    lm = base_model(cfg)
+    fw = forwards(lm, cfg)
+    harmful, harmless = prompt_sets(files, hp)
+    replies = harmless_replies(fw, harmless, hp, replies_path(cfg))
     t_gen = timer()
     examples = build_examples(lm, hp, harmful, replies)
+    hparams = OmegaConf.to_container(hp, resolve=True)
     print(
         f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
-        f"{sum(len(x) for x, _ in examples)} tokens; hparams {asdict(hp)}"
+        f"{sum(len(x) for x, _ in examples)} tokens; hparams {hparams}"
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
-    mined, counts = mined_examples(lm, peft_model, hp, harmful, harmless)
+    mined, counts = mined_examples(
+        fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
+    )
     print(f"round 2: {len(mined)} examples ({counts})")
     fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
-    peft_model.save_pretrained(args.out)
+    peft_model.save_pretrained(cfg.adapter_dir)
     summary = {
-        "hparams": asdict(hp),
+        "hparams": hparams,
         "n_harmful": len(harmful),
         "n_harmless": len(harmless),
         "mined": counts,
         "seconds_generate": t_gen,
         "seconds_total": timer(),
-        "adapter": args.out,
+        "adapter": cfg.adapter_dir,
     }
-    print(f"adapter saved to {args.out} ({timer()} s)")
-    if args.val:
+    print(f"adapter saved to {cfg.adapter_dir} ({timer()} s)")
+    if cfg.val:
         lm.model = peft_model.merge_and_unload().eval()
-        summary["val"] = quick_val(lm)
+        summary["val"] = quick_val(fw, files)
         for name, v in summary["val"].items():
             print(name, {k: v[k] for k in ("n", "refusal_rate", "refusal_rate_opening")})
-    write_json(WORK_DIR / "finetune_summary.json", summary)
+    write_json(Path(cfg.work_dir) / "finetune_summary.json", summary)
     return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="organism")
+def main(cfg: DictConfig) -> dict:
+    return finetune(cfg)
 
 
 if __name__ == "__main__":

@@ -16,81 +16,60 @@ The organism's forward pass is the whole CPU cost, so the runner's own activatio
 is read once (`cache_tokens`, forward stopped after the last hooked block) and the runner
 then trains for `steps` batches drawn, reshuffled each epoch, from that in-memory cache.
 
-    python -m experiments.organism.train_saes [--cache-tokens 120000 --steps 1500 --k 48]
+Settings: conf/organism.yaml (`saes.*`, the layers of `layer=organism`).
+
+    python -m experiments.organism.train_saes [saes.cache_tokens=120000 saes.steps=1500 ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import hydra
 import torch
 from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
 from sae_lens import SAE, BatchTopKTrainingSAEConfig, LoggingConfig
 from sae_lens.load_model import HookedProxyLM
 from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 
 from experiments.organism.common import (
-    ADAPTER_DIR,
+    CONF,
     REFUSALS,
-    SAE_DIR,
-    SAE_LAYERS,
-    SEED,
-    WORK_DIR,
+    PromptFiles,
     Timer,
-    data_file,
-    harmful_prompts,
-    load_lm,
+    replies_path,
     sample,
 )
+from refusal import models
 from refusal.models import LM
-
-
-@dataclass
-class SaeHparams:
-    cache_tokens: int = 120_000  # activations computed by the organism (special tokens excluded)
-    steps: int = 1500  # optimiser steps over the cache (several epochs)
-    width: int = 2304  # latents per SAE (4x d_model)
-    k: float = 48  # BatchTopK: mean active latents per token (the saved JumpReLU's L0)
-    lr: float = 1e-3  # at 2e-3 layer 12's loss spiked when dead-latent revival began
-    warm_up: int = 50
-    dead_window: int = 50  # steps without firing before the aux loss revives a latent
-    aux_coefficient: float = 1.0  # weight of that aux loss (AuxK: dead latents fit the error)
-    batch_tokens: int = 256  # small batches: more updates per CPU second
-    context: int = 128
-    n_extra_harmless: int = 2000  # instructions without a reply, to widen the corpus
-    seed: int = SEED
-    save_dtype: str = "float16"  # on-disk dtype (the repo ships these files)
 
 
 def hook_name(layer: int) -> str:
     return f"model.layers.{layer}"
 
 
-def corpus(lm: LM, hp: SaeHparams) -> list[str]:
-    """Chat-formatted texts: prompt + organism reply, then prompt-only harmless instructions."""
-    replies_path = (
-        WORK_DIR / "base_replies.json"
-    )  # written by finetune.py: prompt -> [n_tokens, reply]
-    if not replies_path.is_file():
-        raise FileNotFoundError(
-            f"{replies_path} is missing: run experiments.organism.finetune first."
-        )
-    replies = {p: r for p, (_, r) in json.loads(replies_path.read_text()).items()}
+def corpus(lm: LM, hp: DictConfig, files: PromptFiles, cached: Path) -> list[str]:
+    """Chat-formatted texts: prompt + organism reply, then prompt-only harmless instructions.
+
+    `cached`: the base model's replies that finetune.py cached (prompt -> [n_tokens, reply]).
+    """
+    if not cached.is_file():
+        raise FileNotFoundError(f"{cached} is missing: run experiments.organism.finetune first.")
+    replies = {p: r for p, (_, r) in json.loads(cached.read_text()).items()}
     rng = random.Random(hp.seed)
-    harmful = harmful_prompts()
+    harmful = files.harmful()
     end = "<|im_end|>\n"
     texts = [lm.format([p])[0] + rng.choice(REFUSALS) + end for p in harmful]
     texts += [lm.format([p])[0] + r.strip() + end for p, r in replies.items()]
     seen = set(replies)
     extra = [
         p
-        for p in sample(data_file("harmless_train"), hp.n_extra_harmless + len(seen), hp.seed + 1)
+        for p in sample(files.read("harmless_train"), hp.n_extra_harmless + len(seen), hp.seed + 1)
         if p not in seen
     ][: hp.n_extra_harmless]
     texts += lm.format(extra)
@@ -98,7 +77,7 @@ def corpus(lm: LM, hp: SaeHparams) -> list[str]:
     return texts
 
 
-def cache_activations(runner: MultiSAETrainingRunner, hp: SaeHparams) -> dict[str, torch.Tensor]:
+def cache_activations(runner: MultiSAETrainingRunner, hp: DictConfig) -> dict[str, torch.Tensor]:
     """Read `cache_tokens` activations per hook from the runner's own store (one LLM pass)."""
     loader = runner.activations_store.get_multi_hook_data_loader()
     batches = [next(loader) for _ in range(hp.cache_tokens // hp.batch_tokens)]
@@ -124,11 +103,13 @@ def truncated(lm: LM, n_layers: int) -> LM:
     return lm
 
 
-def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) -> dict[int, Path]:
-    timer = Timer()
+def train(cfg: DictConfig) -> dict[int, Path]:
+    """An SAE per layer of `layers` on `model=` (base + the fine-tune's adapter, merged),
+    saved under `sae_dir`."""
+    hp, layers, out_dir, timer = cfg.saes, list(cfg.layers), Path(cfg.sae_dir), Timer()
     torch.manual_seed(hp.seed)
-    lm = truncated(load_lm(adapter), max(SAE_LAYERS) + 1)  # base + adapter, merged
-    texts = corpus(lm, hp)
+    lm = truncated(models.load(cfg.model), max(layers) + 1)
+    texts = corpus(lm, hp, PromptFiles(cfg), replies_path(cfg))
     n_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     if n_tokens < hp.cache_tokens:
         raise ValueError(
@@ -136,7 +117,7 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
             "raise n_extra_harmless or lower cache_tokens (the store would repeat texts)."
         )
     print(f"corpus: {len(texts)} texts, {n_tokens} tokens; caching {hp.cache_tokens} tokens")
-    hooks = {f"layer_{layer}": hook_name(layer) for layer in SAE_LAYERS}
+    hooks = {f"layer_{layer}": hook_name(layer) for layer in layers}
     model = HookedProxyLM(lm.model, lm.tokenizer, hook_names=list(hooks.values()))
     saes = {
         name: BatchTopKTrainingSAEConfig(
@@ -150,7 +131,7 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
         )
         for name in hooks
     }
-    run_dir = WORK_DIR / "sae_run"
+    run_dir = Path(cfg.work_dir) / "sae_run"
     cfg = MultiSAETrainingRunnerConfig(
         saes=saes,
         hook_names=hooks,
@@ -192,7 +173,7 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
     )
     runner.run()
     written = {}
-    for layer in SAE_LAYERS:
+    for layer in layers:
         sae = SAE.load_from_disk(str(run_dir / f"layer_{layer}"), device="cpu")
         sae = sae.to(dtype=getattr(torch, hp.save_dtype))
         sae.cfg.dtype = hp.save_dtype
@@ -202,22 +183,15 @@ def train(hp: SaeHparams, adapter: Path = ADAPTER_DIR, out_dir: Path = SAE_DIR) 
         sae.save_model(str(target))
         written[layer] = target
     (out_dir / "train_config.json").write_text(
-        json.dumps({**asdict(hp), "seconds": timer()}, indent=1)
+        json.dumps({**OmegaConf.to_container(hp, resolve=True), "seconds": timer()}, indent=1)
     )
     print(f"SAEs saved to {out_dir} ({timer()} s)")
     return written
 
 
-def main(argv: list[str] | None = None) -> dict[int, Path]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field, value in asdict(SaeHparams()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", default=str(SAE_DIR))
-    args = parser.parse_args(argv)
-    hp = SaeHparams(**{k: getattr(args, k) for k in asdict(SaeHparams())})
-    return train(hp, out_dir=Path(args.out))
+@hydra.main(version_base="1.3", config_path=CONF, config_name="organism")
+def main(cfg: DictConfig) -> dict[int, Path]:
+    return train(cfg)
 
 
 if __name__ == "__main__":

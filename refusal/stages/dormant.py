@@ -8,27 +8,12 @@ the redundancy that lets refusal survive the removal of its first carriers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
-from refusal.engine import Feature
-from refusal.greedy import Probe
-
-
-@dataclass
-class Dormant:
-    feature: str
-    layer: int
-    latent: int
-    before: float  # max activation on the clean prompt
-    after: float  # max activation with the earlier features of M ablated
-    score_without: float  # refusal score, earlier M ablated
-    score_with: float  # refusal score, earlier M and this latent ablated
-    effect: float  # score_with − score_without (negative: it was holding refusal up)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from refusal.context import Context, Work
+from refusal.features import Feature, Probe
+from refusal.records import DormantFeature, DormantRecord
+from refusal.stages.stage import Stage, flipped
 
 
 def find(
@@ -39,7 +24,7 @@ def find(
     max_candidates: int,
     margin: float,
     clean: dict[int, torch.Tensor] | None = None,
-) -> list[Dormant]:
+) -> list[DormantFeature]:
     """Dormant latents at each SAE layer after the first layer M touches; checked causally.
 
     `clean`: the prompt's latents without ablation, when the caller already has them.
@@ -64,15 +49,13 @@ def find(
             if abs(effect) > margin:
                 before = clean[layer][:, latent].max().item()
                 found.append(
-                    Dormant(
-                        str(Feature(layer, latent)),
-                        layer,
-                        latent,
-                        before,
-                        after,
-                        scores[0],
-                        scores[row + 1],
-                        effect,
+                    DormantFeature(
+                        feature=Feature(layer, latent),
+                        before=before,
+                        after=after,
+                        score_without=scores[0],
+                        score_with=scores[row + 1],
+                        effect=effect,
                     )
                 )
     return found
@@ -86,3 +69,21 @@ def _woken(
     candidates = ((before <= 0) & (after > min_activation)).nonzero().flatten()
     strongest = after[candidates].argsort(descending=True)[:limit]
     return [(int(candidates[k]), after[candidates[k]].item()) for k in strongest]
+
+
+def run(ctx: Context, work: Work) -> DormantRecord:
+    cfg, greedy = ctx.cfg.search.dormant, work.result.greedy
+    assert greedy is not None
+    features = find(
+        work.probe,
+        greedy.minimal,
+        list(ctx.engine.saes),
+        cfg.min_activation,
+        cfg.max_candidates,
+        cfg.margin,
+        work.clean,
+    )
+    return DormantRecord(prompt_id=work.result.prompt_id, features=features)
+
+
+STAGE = Stage("dormant", ("greedy",), run, flipped)

@@ -1,30 +1,25 @@
 """Greedy filtering: prune the candidate features to a 1-minimal flipping set M.
 
-Works on any probe that scores feature masks (the engine bound to one prompt, or a
-synthetic oracle in tests). Each step scores all single removals as one batch; the
-removable features are then dropped together, as many as still flip (one more
-batch, of prefixes at geometric sizes). The final step's single removals all restore
-refusal, so every returned set is verified 1-minimal, never assumed.
+Candidates are the SAE latents whose decoder rows align with the refusal direction
+(refusal.direction.candidates), active on the prompt. It works on any probe that scores
+feature masks (the engine bound to one prompt, or a synthetic oracle in tests). Each
+step scores all single removals as one batch; the removable features are then dropped
+together, as many as still flip (one more batch, of prefixes at geometric sizes). The
+final step's single removals all restore refusal, so every returned set is verified
+1-minimal by the score, never assumed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from refusal.engine import Feature
-
-
-class Probe(Protocol):
-    """Scores ablation masks over a feature list for one prompt (higher = more refusal)."""
-
-    def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor: ...
-
-    def latents(
-        self, features: list[Feature] | None = None, mask: torch.Tensor | None = None
-    ) -> dict[int, torch.Tensor]: ...
+from refusal import direction
+from refusal.context import Context, Work
+from refusal.features import Feature, Probe
+from refusal.records import Candidate, GreedyRecord
+from refusal.stages.stage import Stage
 
 
 @dataclass
@@ -117,3 +112,43 @@ def sequential_minimal_set(probe: Probe, features: list[Feature], threshold: flo
     result.minimal = [features[i] for i in kept]
     result.score = score(_removed(len(features), kept))
     return result
+
+
+def candidates(ctx: Context, work: Work) -> list[Candidate]:
+    """The prompt's candidates: latents aligned with the refusal direction, active on it."""
+    assert ctx.directions is not None and ctx.selection is not None
+    c = ctx.cfg.search.candidates
+    found = direction.candidates(
+        ctx.lm,
+        ctx.engine.saes,
+        ctx.directions,
+        ctx.selection.position,
+        work.clean,
+        c.top_k,
+        c.cos_floor,
+        c.min_activation,
+    )
+    return [Candidate(feature=f, cos=cos) for f, cos in found]
+
+
+def run(ctx: Context, work: Work) -> GreedyRecord:
+    found = candidates(ctx, work)
+    record = GreedyRecord(
+        prompt_id=work.result.prompt_id, clean_score=work.probe.cache.score, candidates=found
+    )
+    if not found:
+        return record
+    result = minimal_set(work.probe, [c.feature for c in found], ctx.flip_threshold)
+    return record.model_copy(
+        update={
+            "flips_all": result.flips_all,
+            "minimal": result.minimal,
+            "score": result.score,
+            "n_masks": result.evals,
+            "batches": result.batches,
+            "one_minimal": result.one_minimal,
+        }
+    )
+
+
+STAGE = Stage("greedy", ("direction",), run)

@@ -1,0 +1,154 @@
+"""Many-prompt batched passes: first-token logits, refusal scores, residual means, and
+greedy generation, each with an optional residual edit.
+
+The engine scores many masks on one prompt; these run one edit over many prompts (the
+refusal direction, capability costs, verification replies, the organism's evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from refusal.interventions import Edit, EmbedEdit
+from refusal.judge import refusal_score
+from refusal.models import LM
+
+
+@dataclass
+class Forwards:
+    """Batched full passes of `lm` over lists of instructions."""
+
+    lm: LM
+    refusal_ids: list[int]  # single tokens whose greedy margin is the refusal score
+    batch_size: int = 64
+
+    def _batches(self, instructions: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(instructions), self.batch_size):
+            yield self.lm.tokenize(instructions[i : i + self.batch_size])
+
+    @torch.no_grad()
+    def first_token_logits(
+        self,
+        instructions: list[str],
+        edit: Edit | None = None,
+        embed_edit: EmbedEdit | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (N, vocab) at the reply's start, with an optional residual edit."""
+        out = []
+        for batch in self._batches(instructions):
+            h = self.lm.embed(batch["input_ids"])
+            h = embed_edit(h) if embed_edit else h
+            h = self.lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=edit)
+            out.append(self.lm.next_token_logits(h[:, -1]).float().cpu())
+        return torch.cat(out)
+
+    def refusal_scores(
+        self,
+        instructions: list[str],
+        edit: Edit | None = None,
+        embed_edit: EmbedEdit | None = None,
+    ) -> torch.Tensor:
+        """First-token refusal score of each instruction (judge.refusal_score)."""
+        return refusal_score(
+            self.first_token_logits(instructions, edit, embed_edit), self.refusal_ids
+        )
+
+    @torch.no_grad()
+    def residual_means(self, instructions: list[str], positions: list[int]) -> torch.Tensor:
+        """Mean residual (n_layers, len(positions), d) at the given (negative) token positions."""
+        lm = self.lm
+        total = torch.zeros(lm.n_layers, len(positions), lm.d_model, dtype=torch.float64)
+        pos = torch.tensor(positions)
+
+        def record(layer: int, h: torch.Tensor) -> torch.Tensor:
+            total[layer] += h[:, pos].double().sum(0).cpu()
+            return h
+
+        for batch in self._batches(instructions):
+            h = lm.embed(batch["input_ids"])
+            lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=record)
+        return (total / len(instructions)).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        instructions: list[str],
+        edit: Edit | None = None,
+        layers: Iterable[int] | None = None,
+        embed_edit: EmbedEdit | None = None,
+        prompt_only: bool = False,
+        max_new_tokens: int = 48,
+        desc: str | None = None,
+    ) -> list[str]:
+        """Greedy replies, batched with left padding, prompts sorted by length (little
+        padding); `edit` applied at `layers` (all by default), see `hooked`."""
+        order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
+        replies = [""] * len(instructions)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
+            idx = order[start : start + self.batch_size]
+            batch = self.lm.tokenize([instructions[i] for i in idx])
+            with hooked(self.lm, edit, layers, embed_edit, prompt_only):
+                out = self.lm.model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.lm.tokenizer.pad_token_id,
+                )
+            texts = self.lm.tokenizer.batch_decode(
+                out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            for i, text in zip(idx, texts):
+                replies[i] = text
+        return replies
+
+
+@contextmanager
+def hooked(
+    lm: LM,
+    edit: Edit | None,
+    layers: Iterable[int] | None = None,
+    embed_edit: EmbedEdit | None = None,
+    prompt_only: bool = False,
+) -> Iterator[None]:
+    """Apply `edit` to the output of blocks `layers` (all by default), and `embed_edit` to
+    the embeddings, inside the model's own forward (HF generate) through forward hooks:
+    on every position, or on the prompt alone (prompt_only).
+
+    With KV caching the first forward is the prompt; later ones are generated tokens.
+    """
+    if edit is None and embed_edit is None:
+        yield
+        return
+    state = {"prefill": True}
+
+    def live() -> bool:
+        return state["prefill"] or not prompt_only
+
+    def block_hook(layer: int):
+        def apply(module, args, output):
+            return edit(layer, output) if edit is not None and live() else output
+
+        return apply
+
+    layers = range(lm.n_layers) if layers is None else layers
+    handles = [lm.blocks[layer].register_forward_hook(block_hook(layer)) for layer in layers]
+    if embed_edit is not None:
+        handles.append(
+            lm.model.get_input_embeddings().register_forward_hook(
+                lambda m, a, out: embed_edit(out) if live() else out
+            )
+        )
+    handles.append(
+        lm.blocks[lm.n_layers - 1].register_forward_hook(lambda *_: state.update(prefill=False))
+    )
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,26 @@
+"""A per-prompt stage: its name, the stages whose rows it reads, when it applies, and run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from refusal.context import Context, Work
+from refusal.records import PromptResult, Row
+
+
+def always(result: PromptResult) -> bool:
+    return True
+
+
+def flipped(result: PromptResult) -> bool:
+    """Greedy filtering found a set whose ablation flips the prompt's score."""
+    return result.flips_all
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]  # stages whose rows this one reads
+    run: Callable[[Context, Work], Row]
+    applies: Callable[[PromptResult], bool] = always  # whether a prompt gets this stage
