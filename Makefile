@@ -27,8 +27,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
+LINT_PATHS := refusal tests benchmarks experiments train.py
+
+# ruff over the code, mypy over the package ([tool.mypy] in pyproject.toml)
 lint: $(STAMP)
-	$(BIN)/ruff check refusal tests benchmarks experiments train.py
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 # ARGS: Hydra overrides of conf/organism.yaml, conf/organism_eval.yaml, conf/bench.yaml
 # (e.g. ARGS='finetune.epochs=2', ARGS='skip=[direction]', ARGS='bench.n_masks=4096').
@@ -39,7 +44,7 @@ organism-eval: $(STAMP)
 	$(BIN)/python -m experiments.organism.evaluate $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/ablation_throughput.py $(ARGS)
+	$(BIN)/python -m benchmarks.ablation_throughput $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -24,11 +24,11 @@ more faithful than a fixed direction, at the cost of that stage's selection pass
 Settings: conf/bench.yaml, which composes conf/train.yaml (logger=none), so model= / sae= /
 layers= / search.* overrides work as for train.py; the benchmark's own are `bench.*`.
 
-    python benchmarks/ablation_throughput.py                          # the organism
-    python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
+    python -m benchmarks.ablation_throughput                          # the organism
+    python -m benchmarks.ablation_throughput model=gemma2_2b_shape sae=random sae.width=16384 \
         'layers=[2]' model.config.num_hidden_layers=4 model.config.vocab_size=49152
     # on a GPU: full depth, bf16, the paper's layers, compiled blocks
-    python benchmarks/ablation_throughput.py model=gemma2_2b_shape sae=random sae.width=16384 \
+    python -m benchmarks.ablation_throughput model=gemma2_2b_shape sae=random sae.width=16384 \
         layer=gemma2_paper search.compile=true bench.n_masks=4096
 """
 
@@ -309,10 +309,11 @@ def bench(cfg: DictConfig) -> dict:
     """Run the benchmark; write its figures to `bench.out` and print the headline ones."""
     settings = OmegaConf.to_container(cfg.bench, resolve=True)
     result = run(cfg) | {"settings": settings, "overrides": overrides()}
+    result["headline"] = {k: result[k] for k in HEADLINE}
     out = Path(cfg.bench.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in HEADLINE}, indent=2))
+    print(json.dumps(result["headline"], indent=2))
     print(f"wrote {out}")
     return result
 

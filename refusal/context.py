@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -13,9 +14,11 @@ from refusal.direction import Selection
 from refusal.engine import Engine, PromptProbe
 from refusal.features import Feature
 from refusal.forwards import Forwards
-from refusal.records import RESULTS, PromptResult, Record, parse_row
+from refusal.records import RESULTS, PromptResult, Record, Row, parse_row
 from refusal.rundir import RunDir
 from refusal.tracking import Tracker
+
+R = TypeVar("R", bound=Row)
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Context:
         """Every row already in results.jsonl (all of them on resume)."""
         return [parse_row(row) for row in self.out.read(RESULTS)]
 
-    def record(self, row: Record) -> Record:
+    def record(self, row: R) -> R:
+        """Append a row to results.jsonl; the row itself back."""
         self.out.append(RESULTS, row.to_json())
         return row
 

@@ -50,13 +50,13 @@ class FactorizationMachine(L.LightningModule):
         return gram - torch.diag(torch.diag(gram))
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.hparams.target == "bce":
+        if self.hparams["target"] == "bce":
             return torch.nn.functional.binary_cross_entropy_with_logits(pred, target)
         return torch.nn.functional.mse_loss(pred, target)
 
     def flip_logit(self, pred: torch.Tensor) -> torch.Tensor:
         """Higher = more likely a flip, whatever the target (scores fall when refusal breaks)."""
-        return pred if self.hparams.target == "bce" else -pred
+        return pred if self.hparams["target"] == "bce" else -pred
 
     def training_step(self, batch, _):
         x, target, _flip = batch
@@ -73,7 +73,7 @@ class FactorizationMachine(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
 
 

@@ -94,7 +94,7 @@ class Forwards:
             idx = order[start : start + self.batch_size]
             batch = self.lm.tokenize([instructions[i] for i in idx])
             with hooked(self.lm, edit, layers, embed_edit, prompt_only):
-                out = self.lm.model.generate(
+                out = self.lm.generator.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,

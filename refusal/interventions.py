@@ -57,26 +57,6 @@ def latent_acts(sae: SAE, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return acts
 
 
-def ablation_delta(
-    sae: SAE,
-    h: torch.Tensor,
-    idx: torch.Tensor,
-    weight: torch.Tensor,
-    acts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Change of the error-preserving splice when latents idx lose `weight` of their value.
-
-    weight broadcasts against (..., T, len(idx)); `acts` may pass precomputed activations.
-    """
-    if sparse(sae) or acts is not None:
-        acts = latent_acts(sae, h, idx) if acts is None else acts
-        return -((acts * weight) @ sae.W_dec[idx]).to(h.dtype)
-    z = sae.encode(h)
-    edited = z.clone()
-    edited[..., idx] = z[..., idx] * (1 - weight)
-    return (sae.decode(edited) - sae.decode(z)).to(h.dtype)
-
-
 class Intervention(ABC):
     """What a mask does to the features it selects; see the module docstring."""
 
@@ -127,7 +107,15 @@ class Ablation(Intervention):
         return masks.to(dtype) * self.strength
 
     def delta(self, sae, h, idx, weight, acts=None) -> torch.Tensor:
-        return ablation_delta(sae, h, idx, weight, acts)
+        """The splice's change when latents idx lose `weight` of their value: sparse
+        encoder rows where the SAE allows (or `acts` are given), a full encode else."""
+        if sparse(sae) or acts is not None:
+            acts = latent_acts(sae, h, idx) if acts is None else acts
+            return -((acts * weight) @ sae.W_dec[idx]).to(h.dtype)
+        z = sae.encode(h)
+        edited = z.clone()
+        edited[..., idx] = z[..., idx] * (1 - weight)
+        return (sae.decode(edited) - sae.decode(z)).to(h.dtype)
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -181,9 +169,9 @@ class FeatureEdit:
         idx, weight = self.by_layer[layer]
         sae = self.saes[layer]
         acts = None
-        cached = self.cached is not None and self.cached[0] == layer
-        if cached and self.intervention.uses_activations:  # no mask changes them: no encode
-            acts = self.cached[1][..., idx].to(sae.dtype)
+        cached = self.cached if self.cached is not None and self.cached[0] == layer else None
+        if cached is not None and self.intervention.uses_activations:
+            acts = cached[1][..., idx].to(sae.dtype)  # no mask changes them: no encode
         return h + self.intervention.delta(sae, h, idx, weight, acts)
 
 

@@ -12,11 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -32,10 +40,16 @@ class LM:
     """A causal LM with its tokenizer, chat formatting and layer-indexed residual access."""
 
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     name: str
     system_prompt: str | None = None
     compiled: list | None = None  # torch.compile'd blocks that run_blocks uses, if set
+
+    @property
+    def generator(self) -> GenerationMixin:
+        """The model, typed for HF `generate`: every causal-LM class mixes GenerationMixin
+        in, though PreTrainedModel itself does not."""
+        return cast(GenerationMixin, self.model)
 
     @property
     def n_layers(self) -> int:
@@ -98,7 +112,13 @@ class LM:
             return [*system, {"role": "user", "content": text}]
 
         return [
-            self.tokenizer.apply_chat_template(turn(t), tokenize=False, add_generation_prompt=True)
+            # a string: tokenize=False
+            cast(
+                str,
+                self.tokenizer.apply_chat_template(
+                    turn(t), tokenize=False, add_generation_prompt=True
+                ),
+            )
             for t in instructions
         ]
 
@@ -279,7 +299,7 @@ def _random_model(
     cfg: DictConfig, seed: int, device: torch.device, dtype: torch.dtype
 ) -> PreTrainedModel:
     """A random-weight model from a config written into the project (tests, benchmarks)."""
-    spec = OmegaConf.to_container(cfg.config, resolve=True)
+    spec = cast(dict[str, Any], OmegaConf.to_container(cfg.config, resolve=True))
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(seed)
     with device:  # initialise in place: real-size shapes are too big to build on CPU first
@@ -299,7 +319,8 @@ def load(cfg: DictConfig, seed: int = 0) -> LM:
         tokenizer = load_tokenizer(cfg)
     if cfg.get("adapter"):
         model = merge_adapter(model, cfg.adapter)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # transformers wraps `to` in functools.wraps(nn.Module.to), which mypy reads as unbound
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]
     return LM(
         model=model, tokenizer=tokenizer, name=cfg.name, system_prompt=cfg.get("system_prompt")
     )

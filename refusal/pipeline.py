@@ -144,7 +144,7 @@ def summarize(ctx: Context, results: list[PromptResult], started: float) -> Summ
         }
         | {"python": platform.python_version()},
         config=OmegaConf.to_container(
-            OmegaConf.masked_copy(ctx.cfg, [k for k in ctx.cfg if k != "hydra"]), resolve=True
+            OmegaConf.masked_copy(ctx.cfg, [str(k) for k in ctx.cfg if k != "hydra"]), resolve=True
         ),
     )
 

@@ -10,6 +10,7 @@ read these records (PromptResult joins a prompt's rows), never the raw JSON.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import median
 from typing import Annotated, Any, Literal
@@ -296,7 +297,7 @@ class Summary(Model):
         )
 
 
-def mean_or_none(values: list[float | None]) -> float | None:
+def mean_or_none(values: Sequence[float | None]) -> float | None:
     """The mean of the values measured, or None for none (nothing measured is not zero)."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None

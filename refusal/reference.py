@@ -7,6 +7,8 @@ benchmark times it. Nothing here is cached or sparse on purpose.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from tqdm import tqdm
 
@@ -82,7 +84,7 @@ def hooked_scores(
         chunk = masks[i : i + batch_size]
         edit = reference_edit(engine, features, chunk)
         with hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only), torch.no_grad():
-            out = engine.lm.model.generate(
+            out = engine.lm.generator.generate(
                 **{k: v.expand(len(chunk), -1) for k, v in batch.items()},
                 max_new_tokens=engine.openings.depth,
                 do_sample=False,
@@ -118,7 +120,7 @@ def naive_replies(
     for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
         edit = reference_edit(engine, features, mask[None])
         with hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only), torch.no_grad():
-            out = engine.lm.model.generate(
+            out = engine.lm.generator.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=None,  # the reference's cost, always N tokens; nor is EOS banned
@@ -133,7 +135,7 @@ def assistant_turn(lm: LM, reply_ids: torch.Tensor) -> str:
     """The text of a generated reply up to the end of the assistant's turn."""
     ends = torch.isin(reply_ids, torch.tensor(lm.end_of_turn_ids, device=reply_ids.device))
     cut = int(ends.nonzero()[0]) if ends.any() else len(reply_ids)
-    return lm.tokenizer.decode(reply_ids[:cut], skip_special_tokens=True)
+    return cast(str, lm.tokenizer.decode(reply_ids[:cut], skip_special_tokens=True))  # 1-D ids
 
 
 def flipped(replies: list[str]) -> list[bool]:

@@ -19,6 +19,7 @@ import math
 import re
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -249,7 +250,7 @@ def metrics_figure(jobs: list[Job]) -> Figure:
     return fig
 
 
-def _distribution(ax, labels: list[str], values: list[list[float]]) -> None:
+def _distribution(ax, labels: list[str], values: Sequence[Sequence[float]]) -> None:
     """Every value as a dot over a box plot (a box needs values; an empty job gets none)."""
     positions = list(range(len(labels)))
     filled = [(x, v) for x, v in zip(positions, values) if v]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import wandb
@@ -111,8 +111,8 @@ def interaction_heatmap(matrix: list[list[float]], labels: list[str], title: str
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The composed job config, resolved and flattened (`search.fm.rank`), plus the
     chosen config options and command-line overrides, so dashboards can group by them."""
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    flat = _flatten(OmegaConf.to_container(job, resolve=True))
+    job = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
+    flat = _flatten(cast(dict[str, Any], OmegaConf.to_container(job, resolve=True)))
     hc = _hydra()
     if hc is not None:
         flat["overrides"] = list(hc.overrides.task)
@@ -120,8 +120,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             flat |= _flatten(value, f"{prefix}{key}.")
@@ -179,7 +179,7 @@ class FMLogger(WandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         """Skipped: the run's config is the Hydra config, FM settings included."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         try:
             super().log_metrics(metrics, step)
         except Exception as error:  # a W&B error must not stop the FM's training
@@ -218,7 +218,7 @@ class Tracker:
             loggers.append(FMLogger(experiment=self.run, prefix=f"fm/prompt_{prompt_id}"))
         return loggers
 
-    def _grow(self, key: str, columns: list[str], rows: list[list]) -> dict[str, wandb.Table]:
+    def _grow(self, key: str, columns: list[Any], rows: list[list]) -> dict[str, wandb.Table]:
         """Add rows to an incremental table; the returned entry logs them."""
         if not rows:
             return {}
@@ -231,7 +231,7 @@ class Tracker:
 
     @_guarded
     def baseline(self, rows: list[BaselineRecord]) -> None:
-        columns = ["prompt_id", "instruction", "score", "refused", "reply"]
+        columns: list[Any] = ["prompt_id", "instruction", "score", "refused", "reply"]
         data = [[r.prompt_id, r.instruction, r.score, r.refused, r.reply] for r in rows]
         self.run.log({"baseline/prompts": wandb.Table(columns=columns, data=data)})
         self.run.summary.update(
@@ -246,7 +246,7 @@ class Tracker:
             [s.layer, s.position, s.bypass, s.induce, s.kl, (s.layer, s.position) == chosen]
             for s in selection.scores
         ]
-        columns = ["layer", "position", "bypass", "induce", "kl", "chosen"]
+        columns: list[Any] = ["layer", "position", "bypass", "induce", "kl", "chosen"]
         self.run.log({"direction/scores": wandb.Table(columns=columns, data=rows)})
         self.run.summary.update(
             {"direction/layer": selection.layer, "direction/position": selection.position}
@@ -260,7 +260,9 @@ class Tracker:
             return
         if result.flip_verified:
             self.minimal_sets[pid] = [str(f) for f in result.minimal]
-        payload = self._grow("search/prompts", SEARCH_COLUMNS, [self._search_row(result, greedy)])
+        payload: dict[str, Any] = self._grow(
+            "search/prompts", SEARCH_COLUMNS, [self._search_row(result, greedy)]
+        )
         payload |= self._grow(
             "direction/candidates",
             ["prompt_id", "feature", "layer", "latent", "cos", "in_minimal", "neuronpedia"],

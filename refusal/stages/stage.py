@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from refusal.context import Context, Work
-from refusal.records import PromptResult, Row
+from refusal.records import PromptResult, Record
 
 
 def always(result: PromptResult) -> bool:
@@ -22,5 +22,5 @@ def flipped(result: PromptResult) -> bool:
 class Stage:
     name: str
     needs: tuple[str, ...]  # stages whose rows this one reads
-    run: Callable[[Context, Work], Row]
+    run: Callable[[Context, Work], Record]  # one of the per-prompt records, never a baseline
     applies: Callable[[PromptResult], bool] = always  # whether a prompt gets this stage
