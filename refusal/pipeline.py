@@ -49,7 +49,6 @@ def validate(cfg: DictConfig) -> None:
     if size != "auto" and not (isinstance(size, int) and size > 0):
         raise ConfigError(f"search.batch_size={size} is neither a positive integer nor auto.")
     stages.check(list(cfg.search.stages))
-    intervention(cfg)
 
 
 def intervention(cfg: DictConfig) -> Intervention:
@@ -77,6 +76,7 @@ def resuming(cfg: DictConfig) -> bool:
 def setup(cfg: DictConfig) -> Context:
     torch.manual_seed(cfg.seed)
     validate(cfg)
+    edit = intervention(cfg)
     prompts = data.load(cfg.data)  # cheap checks first: a bad prompt file fails before loading
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
@@ -88,7 +88,7 @@ def setup(cfg: DictConfig) -> Context:
     engine = Engine(
         lm,
         sae_by_layer,
-        intervention(cfg),
+        edit,
         batch_size=batch_size,
         compile=cfg.search.compile,
         openings=judge.refusal_openings(lm, markers),
