@@ -1,11 +1,11 @@
-"""Results as data: append-only JSON lines and atomic JSON files in the run directory,
-mirrored to W&B.
+"""W&B: a mirror of a run's records (the run directory, refusal.rundir, stays the source
+of truth).
 
-The run directory is the source of truth. The W&B run (conf/logger/wandb.yaml: offline
-unless WANDB_API_KEY is set) lives inside it and mirrors each stage as it finishes:
-baseline and direction tables, one row per searched prompt, the FM's training curves,
-interaction heatmaps and top pairs, dormant features and the run summary. A W&B error
-is logged as a warning and never ends a run.
+The W&B run (conf/logger/wandb.yaml: offline unless WANDB_API_KEY is set) lives inside
+the run directory and mirrors each stage as it finishes: baseline and direction tables,
+one row per searched prompt, the FM's training curves, interaction heatmaps and top
+pairs, dormant features and the run summary. A W&B error is logged as a warning and
+never ends a run.
 """
 
 from __future__ import annotations
