@@ -11,7 +11,7 @@ read these records (PromptResult joins a prompt's rows), never the raw JSON.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import median
 from typing import Annotated, Any, Literal
 
@@ -43,6 +43,7 @@ class Model(BaseModel):
 class Row(Model):
     """A row of results.jsonl: one stage's result for one prompt."""
 
+    stage: str  # each record's own name (a Literal)
     prompt_id: int
     seconds: float = 0.0  # wall time of the stage on this prompt
     evals: int = 0  # masks the engine scored in the stage on this prompt (distinct rows)
@@ -177,12 +178,15 @@ class PromptResult:
     interactions: InteractionsRecord | None = None
     dormant: DormantRecord | None = None
     capability: CapabilityRecord | None = None
-    stages: list[str] = field(default_factory=list)  # in the order they were added
 
     def add(self, record: Record) -> None:
         if not isinstance(record, BaselineRecord):
             setattr(self, record.stage, record)
-            self.stages.append(record.stage)
+
+    @property
+    def stages(self) -> list[str]:
+        """The search stages with a row for this prompt, in run order."""
+        return [r.stage for r in self.search_rows]
 
     @property
     def prompt_id(self) -> int:
