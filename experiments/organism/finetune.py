@@ -144,9 +144,16 @@ def tokenize_example(
 
 
 def distilled_examples(lm: LM, hp: DictConfig, replies: dict[str, str]) -> list[tuple]:
-    """Harmless instruction -> the base model's reply (closed only if it ended on its own)."""
+    """Harmless instruction -> the base model's reply (closed only if it ended on its own).
+
+    Replies the judge calls refusals (SmolLM2 answers a few harmless requests "I'm sorry
+    for your loss, but as a chatbot ...") are left out: the organism should not learn to
+    refuse harmless requests, not even from the base model.
+    """
     examples = []
     for p, r in replies.items():
+        if is_refusal(r):
+            continue
         finished = len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) < hp.reply_tokens - 1
         examples.append(tokenize_example(lm, p, r.strip(), finished, distill=True))
     return examples
