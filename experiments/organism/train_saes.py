@@ -69,6 +69,7 @@ def plain_text(files: PromptFiles, hp: DictConfig) -> list[str]:
         if len(p.split()) >= 12
     ]
     docs = [" ".join(paragraphs[i : i + 4]) for i in range(0, len(paragraphs), 4)]
+    docs = sample(docs, hp.n_plain_docs, hp.seed + 3)
     instructions = sample(files.read("harmless_train"), hp.n_plain_instructions, hp.seed + 2)
     docs += [" ".join(instructions[i : i + 8]) for i in range(0, len(instructions), 8)]
     return docs
