@@ -349,7 +349,7 @@ def finetune(cfg: DictConfig) -> dict:
     hparams = OmegaConf.to_container(hp, resolve=True)
     print(
         f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
-        f"{sum(len(x) for x, _ in examples)} tokens; hparams {hparams}"
+        f"{sum(len(x) for x, _, _ in examples)} tokens; hparams {hparams}"
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
