@@ -353,11 +353,13 @@ def finetune(cfg: DictConfig) -> dict:
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
-    mined, counts = mined_examples(
-        fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
-    )
-    print(f"round 2: {len(mined)} examples ({counts})")
-    fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
+    counts = {}
+    if hp.rounds > 1:
+        mined, counts = mined_examples(
+            fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
+        )
+        print(f"round 2: {len(mined)} examples ({counts})")
+        fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
     peft_model.save_pretrained(cfg.adapter_dir)
     summary = {
         "hparams": hparams,
