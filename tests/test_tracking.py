@@ -465,7 +465,7 @@ def test_sweep_presets_compose(tmp_path):
     }
     layers = make_cfg(["experiment=organism_layer_sweep"], tmp_path)
     assert layers.hydra.mode.name == "MULTIRUN"
-    assert layers.hydra.sweeper.params.layers == "[6],[12],[18],[24]"
+    assert layers.hydra.sweeper.params.layers == "[4],[8],[12],[16],[20],[24]"
 
 
 def train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

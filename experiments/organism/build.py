@@ -1,9 +1,9 @@
-"""Rebuild the embedded default model organism end to end (seeded, CPU, about 30 minutes).
+"""Rebuild the embedded default model organism end to end (seeded, CPU, under 45 minutes).
 
     python -m experiments.organism.build [reuse_replies=true]      # or: make organism
 
 1. finetune.py   LoRA refusal fine-tune of SmolLM2-135M-Instruct -> artifacts/adapter/
-2. train_saes.py sae-lens SAEs on the merged organism, layers 6/12/18/24
+2. train_saes.py sae-lens SAEs on the merged organism, layers 4/8/12/16/20/24
                  -> artifacts/saes/layer_<L>/
 Settings: conf/organism.yaml (`finetune.*`, `saes.*`, where things go; `--help` lists them).
 Then `make organism-eval` measures it (outputs/organism_eval.json).

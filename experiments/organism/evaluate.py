@@ -6,7 +6,14 @@
 Settings: conf/organism_eval.yaml (`--help` lists them).
 
 - prompt_sets.<name>: refusal rate by the generation judge (greedy, 48 new tokens,
-  refusal.judge.is_refusal) and by the first-token refusal score (> 0).
+  refusal.judge.is_refusal) and by the first-token refusal score (> 0); for harmless sets
+  the prompts still refused, with their replies. `extra_harmful` / `extra_harmless` add
+  prompt files, each reported under its file stem.
+- refusal_styles: distinct refusal openings (first three words) among the jailbreakbench
+  replies the judge calls refusals, and how often each occurs.
+- helpfulness: mean per-token KL(organism || base) along the base model's own greedy
+  replies to the harmless_val sample (teacher-forced, every reply token, end of turn
+  included), and the judge's refusal rate on those base replies.
 - saes.<layer>: L0, FVU, CE-loss recovered with the SAE spliced in and its error term
   dropped, (CE_zero − CE_sae) / (CE_zero − CE_clean) with CE_zero zeroing the residual at
   that layer, and the fraction of latents never active; on held-out chat texts (prompt +
@@ -22,13 +29,15 @@ Settings: conf/organism_eval.yaml (`--help` lists them).
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from experiments.organism.common import CONF, PromptFiles, forwards, sample, write_json
@@ -42,17 +51,118 @@ from refusal.judge import is_refusal
 from refusal.models import LM
 
 HARMFUL_SETS = ("jailbreakbench", "harmbench_test", "builtin_harmful_eval")
-PARTS = ("prompts", "saes", "direction")
+HARMLESS_SETS = ("harmless_val", "builtin_harmless_eval")
+PARTS = ("prompts", "saes", "direction", "helpfulness")
 
 
-def prompt_sets(files: PromptFiles, n_harmless: int, seed: int) -> dict[str, list[str]]:
-    return {
+def extra_sets(paths: list[str]) -> dict[str, list[str]]:
+    """Prompt files given on the command line, by file stem."""
+    out = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"extra prompt file {path} does not exist.")
+        if path.stem in out or path.stem in HARMFUL_SETS + HARMLESS_SETS:
+            raise ConfigError(f"extra prompt file {path}: the name {path.stem} is taken.")
+        out[path.stem] = data.read_file(path)
+    return out
+
+
+def prompt_sets(cfg: DictConfig, files: PromptFiles) -> tuple[dict[str, list[str]], set[str]]:
+    """Every prompt set by name, and the names of the harmless ones."""
+    extra_harmful, extra_harmless = extra_sets(cfg.extra_harmful), extra_sets(cfg.extra_harmless)
+    sets = {
         "jailbreakbench": files.read("jailbreakbench"),
         "harmbench_test": files.read("harmbench_test"),
         "builtin_harmful_eval": data.builtin("harmful", "eval"),
-        "harmless_val": sample(files.read("harmless_val"), n_harmless, seed),
+        **extra_harmful,
+        "harmless_val": sample(files.read("harmless_val"), cfg.n_harmless, cfg.seed),
         "builtin_harmless_eval": data.builtin("harmless", "eval"),
+        **extra_harmless,
     }
+    if len(sets) < 5 + len(extra_harmful) + len(extra_harmless):
+        raise ConfigError("extra_harmful and extra_harmless name the same file stem twice.")
+    return sets, {*HARMLESS_SETS, *extra_harmless}
+
+
+def opening(reply: str, n_words: int = 3) -> str:
+    """A reply's opening: its first words, lower-cased, without punctuation."""
+    return " ".join(re.findall(r"[\w'’]+", reply.lower())[:n_words])
+
+
+def refusal_styles(replies: list[str]) -> dict:
+    """Distinct openings among the replies the judge calls refusals."""
+    counts = Counter(opening(r) for r in replies if is_refusal(r))
+    return {
+        "n_distinct": len(counts),
+        "n_refusals": sum(counts.values()),
+        "openings": dict(counts.most_common()),
+    }
+
+
+@torch.no_grad()
+def kl_along(
+    lm: LM, base: LM, prompts: list[str], replies: list[str], max_new_tokens: int, batch_size: int
+) -> dict:
+    """Mean per-token KL(lm || base) over the tokens of `base`'s greedy `replies`.
+
+    Each reply is re-tokenized after its chat-formatted prompt; a reply shorter than
+    `max_new_tokens` tokens ended on its own, so its end-of-turn token counts too. The KL
+    at a position compares the two next-token distributions given the same prefix.
+    """
+    tok = lm.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for prompt, reply in zip(prompts, replies):
+        head = tok(lm.format([prompt])[0], add_special_tokens=False)["input_ids"]
+        answer = tok(reply, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        if len(answer) < max_new_tokens:
+            answer = answer + [end]
+        rows.append((head, answer))
+    total, n, first, per_prompt = 0.0, 0, [], []
+    pad = tok.pad_token_id
+    for start in tqdm(range(0, len(rows), batch_size), desc="KL to base", unit="batch"):
+        chunk = rows[start : start + batch_size]
+        width = max(len(h) + len(a) for h, a in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)  # predicts a reply token
+        for row, (h, a) in enumerate(chunk):
+            ids[row, : len(h) + len(a)] = torch.tensor(h + a)
+            mask[row, : len(h) + len(a)] = 1
+            scored[row, len(h) - 1 : len(h) + len(a) - 1] = True
+        logp = {}
+        for name, model in (("lm", lm), ("base", base)):
+            h = model.run_blocks(model.embed(ids), 0, attention_mask=mask)
+            logp[name] = model.next_token_logits(h[scored]).float().log_softmax(-1)
+        kl = (logp["lm"].exp() * (logp["lm"] - logp["base"])).sum(-1)
+        total += kl.sum().item()
+        n += len(kl)
+        counts = scored.sum(1).tolist()
+        for piece in kl.split(counts):
+            first.append(piece[0].item())
+            per_prompt.append(piece.mean().item())
+    return {
+        "kl_to_base": total / n,
+        "kl_first_token": sum(first) / len(first),
+        "kl_per_prompt_median": sorted(per_prompt)[len(per_prompt) // 2],
+        "kl_per_prompt_max": max(per_prompt),
+        "n_prompts": len(rows),
+        "n_tokens": n,
+    }
+
+
+def helpfulness(cfg: DictConfig, lm: LM, prompts: list[str]) -> dict:
+    """KL(organism || base) along the base model's greedy replies to `prompts`."""
+    base = models.load(OmegaConf.merge(cfg.model, {"adapter": None}))
+    base_fw = forwards(base, cfg, cfg.batch_size)
+    n_tokens = cfg.helpfulness.max_new_tokens
+    replies = base_fw.generate(prompts, max_new_tokens=n_tokens, desc="base replies")
+    out = kl_along(lm, base, prompts, replies, n_tokens, cfg.batch_size)
+    refused = [(p, r) for p, r in zip(prompts, replies) if is_refusal(r)]
+    out["base_refusal_rate"] = len(refused) / len(prompts)
+    out["base_refused"] = refused
+    out["replies"] = replies
+    return out
 
 
 def refusal_rates(
@@ -279,7 +389,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result["load_seconds"] = round(time.time() - t0, 1)
         print(f"loaded organism + {len(saes)} SAEs in {result['load_seconds']} s")
     fw = forwards(lm, cfg, cfg.batch_size)
-    sets = prompt_sets(files, cfg.n_harmless, cfg.seed)
+    sets, harmless_sets = prompt_sets(cfg, files)
     replies = json.loads(replies_path.read_text()) if replies_path.is_file() else {}
     if "prompts" not in skip:
         t = time.time()
@@ -287,10 +397,15 @@ def evaluate(cfg: DictConfig) -> dict:
         for name, prompts in sets.items():
             result["prompt_sets"][name] = r = refusal_rates(fw, prompts, desc=name)
             replies[name] = r["replies"]
+            r["harmful"] = name not in harmless_sets
+            if name in harmless_sets:
+                r["refused"] = [[p, a] for p, a in zip(prompts, r["replies"]) if is_refusal(a)]
             print(
                 f"{name}: n={r['n']} refusal_rate={r['refusal_rate']:.3f} "
                 f"first_token={r['refusal_rate_first_token']:.3f}"
             )
+        result["refusal_styles"] = refusal_styles(replies["jailbreakbench"])
+        print(f"refusal styles in jailbreakbench replies: {result['refusal_styles']['n_distinct']}")
         result["seconds"]["prompt_sets"] = round(time.time() - t, 1)
         write_json(replies_path, replies)
         write_json(out, strip_replies(result))
@@ -316,6 +431,18 @@ def evaluate(cfg: DictConfig) -> dict:
                 + " ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float))
             )
         result["seconds"]["saes"] = round(time.time() - t, 1)
+        write_json(out, strip_replies(result))
+    if "helpfulness" not in skip:
+        t = time.time()
+        result["helpfulness"] = h = helpfulness(cfg, lm, sets["harmless_val"])
+        replies["harmless_val_base"] = h.pop("replies")
+        write_json(replies_path, replies)
+        print(
+            f"KL(organism || base) along base replies to harmless_val: {h['kl_to_base']:.3f} "
+            f"nats/token ({h['n_tokens']} tokens; first token {h['kl_first_token']:.3f}); "
+            f"base refusal rate {h['base_refusal_rate']:.3f}"
+        )
+        result["seconds"]["helpfulness"] = round(time.time() - t, 1)
         write_json(out, strip_replies(result))
     if "direction" not in skip:
         t = time.time()

@@ -1,8 +1,11 @@
 """Refusal fine-tune of SmolLM2-135M-Instruct with a LoRA adapter (peft), seeded.
 
-Harmful instructions -> a short refusal starting with "I"; harmless instructions -> the
-base model's own greedy reply (self-distillation keeps harmless behaviour). The loss is
-on reply tokens only; prompts use the model's chat template (`lm.format`, user turn).
+Harmful instructions (plain, paraphrased, role-play / hypothetical / fiction framings) -> a
+refusal in the style their topic, form or framing picks (refusal/prompts/refusals.json);
+harmless instructions (Alpaca, benign look-alikes of harmful wording, the same framings) ->
+the base model's own next-token distributions along its greedy reply (self-distillation by
+KL, which keeps harmless behaviour close to the base model's). The loss is on reply tokens
+only; prompts use the model's chat template (`lm.format`, user turn).
 Settings: conf/organism.yaml (`finetune.*`; `val=true` measures refusal afterwards).
 
     python -m experiments.organism.finetune [finetune.epochs=1 finetune.rank=8 ...] [val=true]
@@ -23,10 +26,12 @@ from tqdm import tqdm
 
 from experiments.organism.common import (
     CONF,
-    REFUSALS,
+    LOOKALIKES,
     PromptFiles,
     Timer,
     forwards,
+    framed,
+    refusal_for,
     replies_path,
     sample,
     write_json,
@@ -64,11 +69,33 @@ def harmless_sample(files: PromptFiles, harmful: list[str], hp: DictConfig) -> l
     return chosen + sample(rest, hp.n_harmless - len(chosen), hp.seed)
 
 
-def prompt_sets(files: PromptFiles, hp: DictConfig) -> tuple[list[str], list[str]]:
-    harmful = files.harmful()
+def harmful_examples(files: PromptFiles, hp: DictConfig) -> dict[str, str]:
+    """Harmful instruction -> its refusal: every harmful training prompt plain, and a
+    framed or paraphrased copy (common.FRAMINGS) of a random `hp.harmful_framed` of them."""
+    rng = random.Random(hp.seed)
+    out = {}
+    for prompt in files.harmful():
+        out[prompt] = refusal_for(prompt)
+        if rng.random() < hp.harmful_framed:
+            framing, text = framed(prompt, rng)
+            out[text] = refusal_for(prompt, framing)
+    return out
+
+
+def prompt_sets(files: PromptFiles, hp: DictConfig) -> tuple[dict[str, str], list[str]]:
+    """(harmful prompt -> refusal, harmless prompts): Alpaca instructions, hard negatives
+    among them, benign look-alikes and framed copies of harmless instructions."""
+    harmful = harmful_examples(files, hp)
+    chosen = harmless_sample(files, list(files.harmful()), hp)
+    rng = random.Random(hp.seed + 5)
+    pool = sample(
+        sorted(set(files.read("harmless_train")) - set(chosen)), hp.n_framed_harmless, hp.seed + 6
+    )
     harmless = list(
         dict.fromkeys(
-            harmless_sample(files, harmful, hp)
+            chosen
+            + list(LOOKALIKES)
+            + [framed(p, rng)[1] for p in pool]
             + data.builtin("harmless", "train")
             + data.builtin("harmless", "val")
         )
@@ -104,34 +131,38 @@ def harmless_replies(
 
 
 def tokenize_example(
-    lm: LM, instruction: str, reply: str, finished: bool
-) -> tuple[list[int], list[int]]:
+    lm: LM, instruction: str, reply: str, finished: bool, distill: bool = False
+) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, distill): labels -100 on the prompt; `distill` marks an example whose
+    loss is the KL to the base model along the reply rather than cross-entropy."""
     tok = lm.tokenizer
     prompt = tok(lm.format([instruction])[0], add_special_tokens=False)["input_ids"]
     answer = tok(reply, add_special_tokens=False)["input_ids"]
     if finished:
         answer = answer + [tok.convert_tokens_to_ids("<|im_end|>")]
-    return prompt + answer, [-100] * len(prompt) + answer
+    return prompt + answer, [-100] * len(prompt) + answer, distill
 
 
 def distilled_examples(lm: LM, hp: DictConfig, replies: dict[str, str]) -> list[tuple]:
-    """Harmless instruction -> the base model's reply (closed only if it ended on its own)."""
+    """Harmless instruction -> the base model's reply (closed only if it ended on its own).
+
+    Replies the judge calls refusals (SmolLM2 answers a few harmless requests "I'm sorry
+    for your loss, but as a chatbot ...") are left out: the organism should not learn to
+    refuse harmless requests, not even from the base model.
+    """
     examples = []
     for p, r in replies.items():
+        if is_refusal(r):
+            continue
         finished = len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) < hp.reply_tokens - 1
-        examples.append(tokenize_example(lm, p, r.strip(), finished))
+        examples.append(tokenize_example(lm, p, r.strip(), finished, distill=True))
     return examples
 
 
 def build_examples(
-    lm: LM, hp: DictConfig, harmful: list[str], replies: dict[str, str]
+    lm: LM, hp: DictConfig, harmful: dict[str, str], replies: dict[str, str]
 ) -> list[tuple]:
-    rng = random.Random(hp.seed)
-    refusals = [
-        tokenize_example(lm, p, refusal, True)
-        for p in harmful
-        for refusal in rng.sample(REFUSALS, hp.harmful_repeats)
-    ]
+    refusals = [tokenize_example(lm, p, refusal, True) for p, refusal in harmful.items()]
     return refusals + distilled_examples(lm, hp, replies)
 
 
@@ -149,25 +180,47 @@ def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: 
         ids = torch.full((len(group), width), pad_id)
         labels = torch.full((len(group), width), -100)
         mask = torch.zeros((len(group), width), dtype=torch.long)
+        distill = torch.tensor([examples[j][2] for j in group])
         for row, j in enumerate(group):
-            x, y = examples[j]
+            x, y, _ = examples[j]
             ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = (
                 torch.tensor(x),
                 torch.tensor(y),
                 1,
             )
-        yield ids, mask, labels
+        yield ids, mask, labels, distill
 
 
 def reply_loss(
-    lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, first_weight: float
+    lm_head: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    first_weight: float,
+    distill: torch.Tensor | None = None,
+    base_hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy on reply tokens only, the first reply token weighted `first_weight`."""
+    """Loss on reply tokens only, the first reply token weighted `first_weight`.
+
+    Rows that `distill` marks score KL(base || model) at each reply position, the base
+    model's distribution read from `base_hidden` (those rows' final hidden states, adapter
+    off); the other rows score cross-entropy against their labels.
+    """
     target = labels[:, 1:]
     keep = target != -100
     first = keep & ~torch.nn.functional.pad(keep[:, :-1], (1, 0))  # reply's first position
-    logits = lm_head(hidden[:, :-1][keep])  # reply positions only: cheap lm_head
-    losses = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="none")
+    logits = lm_head(hidden[:, :-1][keep]).float()  # reply positions only: cheap lm_head
+    losses = torch.empty(len(logits), device=logits.device)
+    soft = torch.zeros_like(keep) if distill is None else distill[:, None].expand_as(keep)
+    soft = soft[keep]
+    if (~soft).any():
+        losses[~soft] = torch.nn.functional.cross_entropy(
+            logits[~soft], target[keep][~soft], reduction="none"
+        )
+    if soft.any():
+        assert distill is not None and base_hidden is not None
+        base = lm_head(base_hidden[:, :-1][keep[distill]]).float().log_softmax(-1)
+        logp = logits[soft].log_softmax(-1)
+        losses[soft] = (base.exp() * (base - logp)).sum(-1)
     weights = 1.0 + (first_weight - 1.0) * first[keep].float()
     return (losses * weights).sum() / weights.sum()
 
@@ -200,9 +253,19 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, de
     peft_model.train()
     bar = tqdm(total=steps, desc=desc, unit="step")
     for _ in range(hp.epochs):
-        for ids, mask, labels in batches(examples, hp.batch_size, rng, lm.tokenizer.pad_token_id):
+        for ids, mask, labels, distill in batches(
+            examples, hp.batch_size, rng, lm.tokenizer.pad_token_id
+        ):
+            base_hidden = None
+            if distill.any():
+                with torch.no_grad(), peft_model.disable_adapter():
+                    base_hidden = causal.model(
+                        input_ids=ids[distill], attention_mask=mask[distill]
+                    ).last_hidden_state
             hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            loss = reply_loss(causal.lm_head, hidden, labels, hp.first_token_weight)
+            loss = reply_loss(
+                causal.lm_head, hidden, labels, hp.first_token_weight, distill, base_hidden
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -214,48 +277,20 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, de
     peft_model.eval()
 
 
-@torch.no_grad()
-def refusal_opening_log_odds(lm: LM, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Log-odds that the reply opens as a refusal: "I'm sorry", "I can('t)" or "I cannot".
-
-    The first-token score reads "I" only, which also opens SmolLM2's "I'm excited to share
-    my perspective..." (its usual start of an opinion piece), so mining by it misses the
-    harmful prompts answered that way. One teacher-forced pass over prompt + "I'm" reads
-    all three openings: P(I)·P('m|I)·P(sorry|I'm) + P(I)·P(can|I) + P(I)·P(cannot|I).
-    """
-    tok = lm.tokenizer
-    i, m, sorry = tok.encode("I'm sorry", add_special_tokens=False)
-    can, cannot = (tok.encode(w, add_special_tokens=False)[1] for w in ("I can", "I cannot"))
-    scores = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="refusal-opening scores"):
-        batch = lm.tokenize(prompts[start : start + batch_size])
-        opening = torch.tensor([i, m]).expand(len(batch["input_ids"]), -1)
-        ids = torch.cat([batch["input_ids"], opening], 1)
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(opening)], 1)
-        h = lm.run_blocks(lm.embed(ids), 0, attention_mask=mask)
-        logp = lm.next_token_logits(h[:, -3:]).float().log_softmax(-1)  # after prompt, I, I'm
-        first, second, third = logp[:, 0, i], logp[:, 1], logp[:, 2]
-        p_refusal = first + torch.stack(
-            [second[:, m] + third[:, sorry], second[:, can], second[:, cannot]]
-        ).logsumexp(0)
-        scores.append(p_refusal - torch.log1p(-p_refusal.exp().clamp(max=1 - 1e-7)))
-    return torch.cat(scores)
-
-
 def mined_examples(
     fw: Forwards,
     peft_model,
     hp: DictConfig,
-    sets: tuple[list[str], list[str]],
+    sets: tuple[dict[str, str], list[str]],
     pool: list[str],
     replies: Path,
 ) -> tuple[list[tuple], dict]:
-    """Round 2's examples: what round 1 gets wrong or nearly wrong, plus replay.
+    """Round 2's examples: what round 1 gets wrong, plus replay.
 
-    Harmful training prompts whose refusal-opening score is below +margin, and harmless
-    instructions from a fresh pool scored above -margin (with the base model's replies),
-    as in hard-negative mining; `sets` are round 1's (harmful, harmless), `pool` the
-    harmless instructions to draw the fresh ones from.
+    Harmful training prompts whose greedy opening (`hp.mine_tokens` tokens) the judge does
+    not call a refusal, and harmless instructions from a fresh pool that it does (with the
+    base model's replies), as in hard-negative mining; `sets` are round 1's (harmful ->
+    refusal, harmless), `pool` the harmless instructions to draw the fresh ones from.
     Each class is topped up with as many random round-1 examples as the larger mined set
     (replay), so that round 2 stays balanced and does not forget the rest.
     """
@@ -263,17 +298,17 @@ def mined_examples(
     seen = set(harmless)
     pool = sample(pool, hp.mine_pool + len(seen), hp.seed + 2)
     pool = [p for p in pool if p not in seen][: hp.mine_pool]
-    harmful_odds = refusal_opening_log_odds(lm, harmful).tolist()
-    pool_odds = refusal_opening_log_odds(lm, pool).tolist()
-    weak = [p for p, s in zip(harmful, harmful_odds) if s < hp.mine_margin]
-    over = [p for p, s in zip(pool, pool_odds) if s > -hp.mine_margin]
+    prompts = list(harmful)
+    openings = fw.generate(prompts + pool, max_new_tokens=hp.mine_tokens, desc="mining")
+    weak = [p for p, r in zip(prompts, openings) if not is_refusal(r)]
+    over = [p for p, r in zip(pool, openings[len(prompts) :]) if is_refusal(r)]
     n_replay = max(len(weak), len(over))
     with peft_model.disable_adapter():  # self-distillation: the base model's own replies
-        prompts = over + sample(harmless, n_replay, hp.seed + 3)
-        distilled = harmless_replies(fw, prompts, hp, replies)
-    rng = random.Random(hp.seed + 1)
-    refused = weak + sample(harmful, n_replay, hp.seed + 4)
-    examples = [tokenize_example(lm, p, rng.choice(REFUSALS), True) for p in refused]
+        distilled = harmless_replies(
+            fw, over + sample(harmless, n_replay, hp.seed + 3), hp, replies
+        )
+    refused = weak + sample(prompts, n_replay, hp.seed + 4)
+    examples = [tokenize_example(lm, p, harmful[p], True) for p in refused]
     examples += distilled_examples(lm, hp, distilled)
     return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
 
@@ -284,17 +319,16 @@ def quick_val(
 ) -> dict:
     """Refusal on harmful_val.json and a slice of harmless_val.json (hyper-parameter choice)."""
     out = {}
+    # harmless_val's tail: the evaluation samples it, this reads a fixed slice of it
     for name, prompts in [
         ("harmful_val", files.read("harmful_val")),
-        ("harmless_val", files.read("harmless_val")[:n_harmless]),
+        ("harmless_val", files.read("harmless_val")[-n_harmless:]),
     ]:
-        scores = refusal_opening_log_odds(fw.lm, prompts)
         replies = fw.generate(prompts, max_new_tokens=max_new_tokens, desc=f"val {name}")
         refused = [is_refusal(r) for r in replies]
         out[name] = {
             "n": len(prompts),
             "refusal_rate": sum(refused) / len(prompts),
-            "refusal_rate_opening": (scores > 0).float().mean().item(),
             "examples": [
                 (p, r) for p, r, f in zip(prompts, replies, refused) if f != (name == "harmful_val")
             ][:8],
@@ -315,15 +349,17 @@ def finetune(cfg: DictConfig) -> dict:
     hparams = OmegaConf.to_container(hp, resolve=True)
     print(
         f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
-        f"{sum(len(x) for x, _ in examples)} tokens; hparams {hparams}"
+        f"{sum(len(x) for x, _, _ in examples)} tokens; hparams {hparams}"
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
-    mined, counts = mined_examples(
-        fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
-    )
-    print(f"round 2: {len(mined)} examples ({counts})")
-    fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
+    counts = {}
+    if hp.rounds > 1:
+        mined, counts = mined_examples(
+            fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
+        )
+        print(f"round 2: {len(mined)} examples ({counts})")
+        fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
     peft_model.save_pretrained(cfg.adapter_dir)
     summary = {
         "hparams": hparams,
@@ -339,7 +375,7 @@ def finetune(cfg: DictConfig) -> dict:
         lm.model = peft_model.merge_and_unload().eval()
         summary["val"] = quick_val(fw, files)
         for name, v in summary["val"].items():
-            print(name, {k: v[k] for k in ("n", "refusal_rate", "refusal_rate_opening")})
+            print(name, {k: v[k] for k in ("n", "refusal_rate")})
     write_json(Path(cfg.work_dir) / "finetune_summary.json", summary)
     return summary
 

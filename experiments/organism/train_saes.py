@@ -9,8 +9,12 @@ expected norm of sqrt(d_in) during training; sae-lens folds that factor into the
 weights, so inference needs no runtime normalisation. Special tokens (<|im_start|>,
 <|im_end|>: position 0 of every context, the huge-norm attention sinks) are excluded.
 
-Corpus: chat-formatted instructions (harmful and harmless) with the organism's replies
-(refusals; self-distilled harmless replies), plus further harmless instructions.
+Corpus, so that latents are not all about refusal: general chat (harmless instructions with
+the base model's replies, which the organism is distilled to keep), harmful instructions
+(plain and framed) with the organism's refusals, further harmless instructions (prompt
+only), and plain text that is not chat: the prose of Python's own reference documentation
+(`pydoc_data.topics`, in the standard library, so offline) and harmless instructions
+written out as plain text.
 
 The organism's forward pass is the whole CPU cost, so the runner's own activations store
 is read once (`cache_tokens`, forward stopped after the last hooked block) and the runner
@@ -39,12 +43,12 @@ from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAET
 
 from experiments.organism.common import (
     CONF,
-    REFUSALS,
     PromptFiles,
     Timer,
     replies_path,
     sample,
 )
+from experiments.organism.finetune import harmful_examples
 from refusal import models
 from refusal.models import LM
 
@@ -53,28 +57,48 @@ def hook_name(layer: int) -> str:
     return f"model.layers.{layer}"
 
 
-def corpus(lm: LM, hp: DictConfig, files: PromptFiles, cached: Path) -> list[str]:
-    """Chat-formatted texts: prompt + organism reply, then prompt-only harmless instructions.
+def plain_text(files: PromptFiles, hp: DictConfig) -> list[str]:
+    """Text that is not a chat: paragraphs of Python's reference documentation (the standard
+    library's pydoc_data), and harmless instructions run together as plain prose."""
+    from pydoc_data.topics import topics
+
+    paragraphs = [
+        " ".join(p.split())
+        for doc in topics.values()
+        for p in doc.split("\n\n")
+        if len(p.split()) >= 12
+    ]
+    docs = [" ".join(paragraphs[i : i + 4]) for i in range(0, len(paragraphs), 4)]
+    docs = sample(docs, hp.n_plain_docs, hp.seed + 3)
+    instructions = sample(files.read("harmless_train"), hp.n_plain_instructions, hp.seed + 2)
+    docs += [" ".join(instructions[i : i + 8]) for i in range(0, len(instructions), 8)]
+    return docs
+
+
+def corpus(lm: LM, cfg: DictConfig, files: PromptFiles, cached: Path) -> dict[str, list[str]]:
+    """The corpus by part: chat-formatted prompt + reply texts, prompt-only harmless
+    instructions, and plain text.
 
     `cached`: the base model's replies that finetune.py cached (prompt -> [n_tokens, reply]).
     """
+    hp = cfg.saes
     if not cached.is_file():
         raise FileNotFoundError(f"{cached} is missing: run experiments.organism.finetune first.")
     replies = {p: r for p, (_, r) in json.loads(cached.read_text()).items()}
-    rng = random.Random(hp.seed)
-    harmful = files.harmful()
     end = "<|im_end|>\n"
-    texts = [lm.format([p])[0] + rng.choice(REFUSALS) + end for p in harmful]
-    texts += [lm.format([p])[0] + r.strip() + end for p, r in replies.items()]
+    harmful = harmful_examples(files, cfg.finetune)
     seen = set(replies)
     extra = [
         p
         for p in sample(files.read("harmless_train"), hp.n_extra_harmless + len(seen), hp.seed + 1)
         if p not in seen
     ][: hp.n_extra_harmless]
-    texts += lm.format(extra)
-    rng.shuffle(texts)
-    return texts
+    return {
+        "harmful_chat": [lm.format([p])[0] + r + end for p, r in harmful.items()],
+        "harmless_chat": [lm.format([p])[0] + r.strip() + end for p, r in replies.items()],
+        "harmless_prompts": lm.format(extra),
+        "plain_text": plain_text(files, hp),
+    }
 
 
 def cache_activations(runner: MultiSAETrainingRunner, hp: DictConfig) -> dict[str, torch.Tensor]:
@@ -109,8 +133,15 @@ def train(cfg: DictConfig) -> dict[int, Path]:
     hp, layers, out_dir, timer = cfg.saes, list(cfg.layers), Path(cfg.sae_dir), Timer()
     torch.manual_seed(hp.seed)
     lm = truncated(models.load(cfg.model), max(layers) + 1)
-    texts = corpus(lm, hp, PromptFiles(cfg), replies_path(cfg))
-    n_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    parts = corpus(lm, cfg, PromptFiles(cfg), replies_path(cfg))
+    counts = {
+        name: sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        for name, texts in parts.items()
+    }
+    print("corpus tokens by part:", counts)
+    texts = [t for part in parts.values() for t in part]
+    random.Random(hp.seed).shuffle(texts)
+    n_tokens = sum(counts.values())
     if n_tokens < hp.cache_tokens:
         raise ValueError(
             f"corpus has {n_tokens} tokens < cache_tokens={hp.cache_tokens}: "
@@ -183,7 +214,15 @@ def train(cfg: DictConfig) -> dict[int, Path]:
         sae.save_model(str(target))
         written[layer] = target
     (out_dir / "train_config.json").write_text(
-        json.dumps({**OmegaConf.to_container(hp, resolve=True), "seconds": timer()}, indent=1)
+        json.dumps(
+            {
+                **OmegaConf.to_container(hp, resolve=True),
+                "layers": layers,
+                "corpus_tokens": counts,
+                "seconds": timer(),
+            },
+            indent=1,
+        )
     )
     print(f"SAEs saved to {out_dir} ({timer()} s)")
     return written
