@@ -6,10 +6,14 @@ positions (the chat-template tokens between the instruction and the reply). The
 stop refusal on harmful prompts (bypass score, lower is better), adding r at its layer
 should induce refusal on harmless prompts (induce score), and ablating r should barely
 change harmless first-token distributions (KL); the last 20% of layers are excluded.
+
+The candidate SAE features are the latents whose decoder rows lie nearest the selected
+direction, at every SAE layer (or, per_layer, each layer's own difference of means).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -104,25 +108,34 @@ def _admissible(
     return [s for s in induces if s in gentle] or induces or gentle or scores
 
 
+def candidate_directions(
+    lm: LM, selection: Selection, directions: torch.Tensor, layers: Iterable[int], mode: str
+) -> dict[int, torch.Tensor]:
+    """The direction each SAE layer's decoder rows are ranked against: the selected one at
+    every layer ("selected"), or that layer's own difference of means at the selected
+    position ("per_layer")."""
+    if mode == "selected":
+        return dict.fromkeys(layers, selection.direction)
+    p = post_instruction_positions(lm).index(selection.position)
+    return {layer: directions[layer, p] for layer in layers}
+
+
 def candidates(
-    lm: LM,
     saes: dict[int, SAE],
-    directions: torch.Tensor,
-    position: int,
+    targets: dict[int, torch.Tensor],
     latents: dict[int, torch.Tensor],
     top_k: int,
     cos_floor: float,
     min_activation: float = 0.0,
 ) -> list[tuple[Feature, float]]:
     """Per SAE layer, the latents whose decoder rows are most aligned with that layer's
-    refusal direction (at the chosen position), kept where active on the prompt.
+    target direction (candidate_directions), kept where active on the prompt.
 
     latents: the prompt's clean latents per layer, (T, d_sae) each.
     """
-    positions = post_instruction_positions(lm)
     found = []
     for layer, sae in saes.items():
-        r = directions[layer, positions.index(position)].to(sae.W_dec)
+        r = targets[layer].to(sae.W_dec)
         cos = torch.nn.functional.cosine_similarity(sae.W_dec, r.unsqueeze(0), dim=-1)
         active = latents[layer].max(0).values > min_activation
         cos = torch.where(active & (cos >= cos_floor), cos, torch.full_like(cos, -2.0))

@@ -35,6 +35,7 @@ console = Console(stderr=True)
 
 CHOICES = {
     "search.fm.target": ("bce", "mse"),
+    "search.candidates.direction": ("selected", "per_layer"),
     "judge.kind": ("markers", "classifier"),
 }
 

@@ -41,16 +41,38 @@ def test_mean_diff_shape_and_sign(tiny_llama):
     assert same.abs().max() < 1e-5 and diff.abs().max() > 1e-3
 
 
-def test_candidates_rank_by_cosine_and_activity(tiny_llama):
-    engine = tiny_engine(tiny_llama, layers=(1, 2))
-    sae = engine.saes[1]
-    n_pos = len(direction.post_instruction_positions(tiny_llama))
-    directions = torch.zeros(tiny_llama.n_layers, n_pos, tiny_llama.d_model)
-    directions[1, -1] = sae.W_dec[5] * 3  # planted: latent 5 of layer 1 is the direction
-    directions[2, -1] = engine.saes[2].W_dec[7]
-    latents = {1: torch.zeros(4, sae.cfg.d_sae), 2: torch.zeros(4, sae.cfg.d_sae)}
-    latents[1][2, 5] = 1.0  # active on the prompt
-    found = direction.candidates(
-        tiny_llama, engine.saes, directions, -1, latents, top_k=3, cos_floor=0.05
-    )
-    assert found == [(Feature(1, 5), found[0][1])] and found[0][1] > 0.99  # latent 7 is inactive
+def planted(lm):
+    """SAEs at layers 1 and 2, a selected direction at layer 1 equal to decoder row 5 of
+    layer 1 and row 9 of layer 2, and layer 2's own direction along its row 7."""
+    engine = tiny_engine(lm, layers=(1, 2))
+    saes = engine.saes
+    n_pos = len(direction.post_instruction_positions(lm))
+    directions = torch.zeros(lm.n_layers, n_pos, lm.d_model)
+    directions[1, -1] = saes[1].W_dec[5] * 3
+    directions[2, -1] = saes[2].W_dec[7]
+    with torch.no_grad():
+        saes[2].W_dec[9] = directions[1, -1]
+    selection = direction.Selection(1, -1, directions[1, -1], [])
+    return saes, directions, selection
+
+
+def test_candidates_rank_every_layer_against_the_selected_direction(tiny_llama):
+    saes, directions, selection = planted(tiny_llama)
+    latents = {layer: torch.ones(4, sae.cfg.d_sae) for layer, sae in saes.items()}  # all active
+
+    def top(mode: str) -> dict[int, Feature]:
+        targets = direction.candidate_directions(tiny_llama, selection, directions, saes, mode)
+        found = direction.candidates(saes, targets, latents, top_k=3, cos_floor=0.05)
+        return {layer: next(f for f, _ in found if f.layer == layer) for layer in saes}
+
+    assert top("selected") == {1: Feature(1, 5), 2: Feature(2, 9)}
+    assert top("per_layer") == {1: Feature(1, 5), 2: Feature(2, 7)}
+
+
+def test_candidates_are_active_on_the_prompt(tiny_llama):
+    saes, directions, selection = planted(tiny_llama)
+    latents = {layer: torch.zeros(4, sae.cfg.d_sae) for layer, sae in saes.items()}
+    latents[1][2, 5] = 1.0  # active on the prompt; latent 9 of layer 2 is not
+    targets = direction.candidate_directions(tiny_llama, selection, directions, saes, "selected")
+    found = direction.candidates(saes, targets, latents, top_k=3, cos_floor=0.05)
+    assert [f for f, _ in found] == [Feature(1, 5)] and found[0][1] > 0.99

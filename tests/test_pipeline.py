@@ -127,3 +127,5 @@ def test_an_unknown_stage_or_intervention_is_named(tmp_path):
         pipeline.setup(make_cfg([*BASE, "search.stages=[baseline,bogus]"], tmp_path))
     with pytest.raises(ConfigError, match="search.intervention=bogus"):
         pipeline.setup(make_cfg([*BASE, "search.intervention=bogus"], tmp_path))
+    with pytest.raises(ConfigError, match="search.candidates.direction=bogus"):
+        pipeline.setup(make_cfg([*BASE, "search.candidates.direction=bogus"], tmp_path))
