@@ -161,10 +161,13 @@ class DirectionScore(Model):
 
 
 class DirectionRecord(Model):
-    """direction.json: the chosen (layer, position) and every candidate's scores."""
+    """direction.json: the chosen (layer, position), how it was chosen, and every
+    candidate's scores."""
 
     layer: int
     position: int
+    admissible: bool  # it passed both filters (induce and KL); false: a fallback chose it
+    chosen_by: str  # "induce and KL", or the fallback: "induce only", "KL only", "bypass only"
     scores: list[DirectionScore]
 
 

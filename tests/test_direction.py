@@ -1,8 +1,12 @@
 """Refusal direction: template positions, selection filters, candidate ranking."""
 
+import math
+
+import pytest
 import torch
 
 from refusal import direction
+from refusal.errors import ConfigError
 from refusal.features import Feature
 from refusal.records import DirectionScore
 from tests.conftest import tiny_engine, tiny_forwards
@@ -25,11 +29,41 @@ def test_selection_prefers_candidates_passing_both_filters():
             (1, -1.0, 0.5, 0.05),
             (2, -2.0, 0.5, 0.05),
             (3, -5.0, 0.5, 0.50),  # fails KL only
+            (4, -3.0, -1.0, 0.05),  # fails induce only
         ]
     ]
-    assert [s.layer for s in direction._admissible(scores, 0.1, 0.0)] == [1, 2]
-    assert [s.layer for s in direction._admissible(scores, 0.01, 0.0)] == [1, 2, 3]
-    assert [s.layer for s in direction._admissible(scores[:1], 0.1, 0.0)] == [0]
+
+    def admitted(scores, kl_max, induce_min):
+        rule, found = direction._admissible(scores, kl_max, induce_min)
+        return rule, [s.layer for s in found]
+
+    assert admitted(scores, 0.1, 0.0) == ("induce and KL", [1, 2])
+    assert admitted(scores, 0.01, 0.0) == ("induce only", [1, 2, 3])
+    assert admitted(scores, 0.1, 1.0) == ("KL only", [1, 2, 4])
+    assert admitted(scores[:1], 0.1, 0.0) == ("bypass only", [0])
+
+
+def test_selection_says_when_no_candidate_passes_both_filters(tiny_llama, capsys):
+    forwards = tiny_forwards(tiny_llama)
+    harmful, harmless = ["How do I build a bomb?"], ["How do I bake bread?"]
+    directions = direction.mean_diff(forwards, harmful, harmless)
+
+    def select(kl_max: float, induce_min: float, on_none: str = "warn") -> direction.Selection:
+        return direction.select(
+            forwards, directions, harmful, harmless, 0.2, kl_max, induce_min, 1, on_none
+        )
+
+    lenient = select(kl_max=math.inf, induce_min=-math.inf)
+    assert lenient.admissible and lenient.chosen_by == "induce and KL"
+    assert "passes both filters" not in capsys.readouterr().err
+    none = select(kl_max=-1.0, induce_min=math.inf)  # a KL is never negative
+    assert not none.admissible and none.chosen_by == "bypass only"
+    assert "no (layer, position)" in capsys.readouterr().err
+    assert none.layer == min(none.scores, key=lambda s: s.bypass).layer
+    record = none.record()
+    assert not record.admissible and record.chosen_by == "bypass only"
+    with pytest.raises(ConfigError, match="on_none_admissible=warn to choose by bypass only"):
+        select(kl_max=-1.0, induce_min=math.inf, on_none="error")
 
 
 def test_mean_diff_shape_and_sign(tiny_llama):
@@ -52,7 +86,7 @@ def planted(lm):
     directions[2, -1] = saes[2].W_dec[7]
     with torch.no_grad():
         saes[2].W_dec[9] = directions[1, -1]
-    selection = direction.Selection(1, -1, directions[1, -1], [])
+    selection = direction.Selection(1, -1, directions[1, -1], [], "induce and KL")
     return saes, directions, selection
 
 

@@ -202,12 +202,15 @@ def direction_ablation(
         s.kl_max,
         s.induce_min,
         s.n_positions,
+        s.on_none_admissible,
     )
     at = post_instruction_positions(fw.lm).index(selection.position)
     out = {
         "n_train_each": c.n_train,
         "position": selection.position,
         "selected_layer": selection.layer,
+        "admissible": selection.admissible,
+        "chosen_by": selection.chosen_by,
         "candidates": [score.model_dump() for score in selection.scores],
     }
     edit, embed_edit = interventions.direction_ablation(selection.direction)

@@ -1,8 +1,8 @@
 """The refusal direction: difference of means at every layer and post-instruction
 position, and the (layer, position) chosen by refusal.direction.select.
 
-Computed once per run and saved as direction.pt (tensors) and direction.json
-(DirectionRecord); a resumed run reads them back.
+Computed once per run and saved as direction.pt (tensors and the record) and
+direction.json (DirectionRecord); a resumed run reads them back.
 """
 
 from __future__ import annotations
@@ -12,20 +12,39 @@ from rich.console import Console
 
 from refusal import direction
 from refusal.context import Context
-from refusal.records import DirectionScore
+from refusal.errors import RefusalError
+from refusal.records import DirectionRecord
 
 console = Console(stderr=True)
 SAVED = "direction.pt"
 
 
+def load(ctx: Context) -> direction.Selection:
+    """The saved directions and selection, into `ctx`."""
+    saved = torch.load(ctx.out.path / SAVED)
+    if "record" not in saved:
+        raise RefusalError(
+            f"{ctx.out.path / SAVED} was written by an older version of refusal; rerun "
+            "without resume=true, into a new directory."
+        )
+    ctx.directions = saved["directions"]
+    record = DirectionRecord.model_validate(saved["record"])
+    ctx.selection = direction.Selection.of(record, saved["direction"])
+    return ctx.selection
+
+
+def save(ctx: Context, directions: torch.Tensor, selection: direction.Selection) -> None:
+    """direction.pt and direction.json, and the directions and selection into `ctx`."""
+    record = selection.record().to_json()
+    saved = {"directions": directions, "direction": selection.direction, "record": record}
+    ctx.out.write_atomic(SAVED, lambda f: torch.save(saved, f))
+    ctx.out.write_json("direction.json", record)
+    ctx.directions, ctx.selection = directions, selection
+
+
 def run(ctx: Context) -> direction.Selection:
-    path = ctx.out.path / SAVED
-    if path.exists():
-        saved = torch.load(path)
-        selection = saved["selection"]
-        selection["scores"] = [DirectionScore(**s) for s in selection["scores"]]
-        ctx.directions, ctx.selection = saved["directions"], direction.Selection(**selection)
-        return ctx.selection
+    if (ctx.out.path / SAVED).exists():
+        return load(ctx)
     cfg, p = ctx.cfg.search.direction, ctx.prompts
     with console.status("refusal direction: difference of means"):
         directions = direction.mean_diff(ctx.forwards, p.harmful_train, p.harmless_train)
@@ -38,17 +57,7 @@ def run(ctx: Context) -> direction.Selection:
         cfg.kl_max,
         cfg.induce_min,
         cfg.n_positions,
+        cfg.on_none_admissible,
     )
-    saved = {
-        "directions": directions,
-        "selection": {
-            "layer": selection.layer,
-            "position": selection.position,
-            "direction": selection.direction,
-            "scores": [s.model_dump() for s in selection.scores],
-        },
-    }
-    ctx.out.write_atomic(path.name, lambda f: torch.save(saved, f))
-    ctx.out.write_json("direction.json", selection.record().to_json())
-    ctx.directions, ctx.selection = directions, selection
+    save(ctx, directions, selection)
     return selection
