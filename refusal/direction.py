@@ -7,7 +7,9 @@ stop refusal on harmful prompts (bypass score, lower is better), adding r at its
 should induce refusal on harmless prompts (induce score), and ablating r should barely
 change harmless first-token distributions (KL); the last 20% of layers are excluded.
 Where no candidate passes both filters the selection says so and falls back (RULES), or
-stops, as Arditi et al. do.
+stops, as Arditi et al. do. As they do, the prompts are first filtered by the model's
+own baseline: harmful ones kept only where it refuses them, harmless ones only where it
+does not.
 
 The candidate SAE features are the latents whose decoder rows lie nearest the selected
 direction, at every SAE layer (or, per_layer, each layer's own difference of means).
@@ -16,19 +18,19 @@ direction, at every SAE layer (or, per_layer, each layer's own difference of mea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
 from sae_lens import SAE
 from tqdm import tqdm
 
-from refusal.errors import ConfigError
+from refusal.errors import ConfigError, DataError
 from refusal.features import Feature
 from refusal.forwards import Forwards
 from refusal.interventions import direction_ablation, direction_addition
 from refusal.models import LM
-from refusal.records import DirectionRecord, DirectionScore
+from refusal.records import DirectionRecord, DirectionScore, PromptCount
 
 console = Console(stderr=True)
 # What admits a (layer, position), strictest first: both of Arditi et al.'s filters, then
@@ -46,6 +48,31 @@ def post_instruction_positions(lm: LM) -> list[int]:
         if ids[end - len(marker_ids) : end] == marker_ids:
             return list(range(end - len(ids), 0))
     raise ValueError("the chat template does not contain the instruction verbatim")
+
+
+def filter_by_baseline(
+    forwards: Forwards, sets: dict[str, list[str]], threshold: float
+) -> tuple[dict[str, list[str]], dict[str, PromptCount]]:
+    """Each harmful_* set kept to the prompts the model refuses (first-token refusal score
+    above `threshold`), each harmless_* set to those it does not; and the counts."""
+    kept = {}
+    for name, prompts in sets.items():
+        harmful = name.startswith("harmful")
+        refused = (forwards.refusal_scores(prompts) > threshold).tolist()
+        kept[name] = [p for p, r in zip(prompts, refused) if r == harmful]
+        if not kept[name]:
+            raise DataError(
+                f"the model {'refuses none' if harmful else 'refuses all'} of the "
+                f"{len(prompts)} {name} prompts (first-token refusal score above "
+                f"{threshold}), so the baseline filter leaves none to take the refusal "
+                "direction from: check model.refusal_tokens and judge.threshold, or set "
+                "search.direction.filter_prompts=false."
+            )
+    counts = {
+        name: PromptCount(kept=len(kept[name]), dropped=len(sets[name]) - len(kept[name]))
+        for name in sets
+    }
+    return kept, counts
 
 
 def mean_diff(forwards: Forwards, harmful: list[str], harmless: list[str]) -> torch.Tensor:
@@ -68,6 +95,8 @@ class Selection:
     direction: torch.Tensor  # (d_model,), unnormalised difference of means
     scores: list[DirectionScore]  # every candidate's bypass / induce / KL
     chosen_by: str  # the rule (RULES) that admitted it: both filters, or a fallback
+    # prompts kept and dropped per set by the baseline filter; empty: not filtered
+    prompts: dict[str, PromptCount] = field(default_factory=dict)
 
     @property
     def admissible(self) -> bool:
@@ -80,12 +109,20 @@ class Selection:
             position=self.position,
             admissible=self.admissible,
             chosen_by=self.chosen_by,
+            prompts=self.prompts,
             scores=self.scores,
         )
 
     @classmethod
     def of(cls, record: DirectionRecord, direction: torch.Tensor) -> Selection:
-        return cls(record.layer, record.position, direction, record.scores, record.chosen_by)
+        return cls(
+            record.layer,
+            record.position,
+            direction,
+            record.scores,
+            record.chosen_by,
+            record.prompts,
+        )
 
 
 def select(

@@ -1,15 +1,17 @@
-"""Refusal direction: template positions, selection filters, candidate ranking."""
+"""Refusal direction: template positions, baseline filter, selection filters, candidate
+ranking, and the direction stage's record."""
 
 import math
 
 import pytest
 import torch
 
-from refusal import direction
-from refusal.errors import ConfigError
+from refusal import data, direction, pipeline
+from refusal.errors import ConfigError, DataError
 from refusal.features import Feature
-from refusal.records import DirectionScore
-from tests.conftest import tiny_engine, tiny_forwards
+from refusal.records import DirectionRecord, DirectionScore
+from refusal.stages import direction as direction_stage
+from tests.conftest import make_cfg, tiny_engine, tiny_forwards
 
 
 def test_post_instruction_positions_are_the_template_suffix(tiny_llama):
@@ -19,6 +21,24 @@ def test_post_instruction_positions_are_the_template_suffix(tiny_llama):
     ]
     suffix = tiny_llama.tokenizer.decode(ids[positions[0] :])
     assert "hi" not in suffix and "assistant" in suffix and positions[-1] == -1
+
+
+def test_baseline_filter_drops_harmful_prompts_the_model_does_not_refuse(tiny_llama):
+    forwards = tiny_forwards(tiny_llama)
+    prompts = data.builtin("harmful", "train")[:6]
+    scores = forwards.refusal_scores(prompts)
+    threshold = scores.median().item()  # the model "refuses" the prompts scored above it
+    complied, refused = prompts[int(scores.argmin())], prompts[int(scores.argmax())]
+    kept, counts = direction.filter_by_baseline(
+        forwards, {"harmful_train": prompts, "harmless_val": prompts}, threshold
+    )
+    assert refused in kept["harmful_train"] and complied not in kept["harmful_train"]
+    assert complied in kept["harmless_val"] and refused not in kept["harmless_val"]
+    assert sorted(kept["harmful_train"] + kept["harmless_val"]) == sorted(prompts)
+    n = len(kept["harmful_train"])
+    assert (counts["harmful_train"].kept, counts["harmful_train"].dropped) == (n, len(prompts) - n)
+    with pytest.raises(DataError, match="refuses none of the 6 harmful_train"):
+        direction.filter_by_baseline(forwards, {"harmful_train": prompts}, scores.max().item())
 
 
 def test_selection_prefers_candidates_passing_both_filters():
@@ -110,3 +130,24 @@ def test_candidates_are_active_on_the_prompt(tiny_llama):
     targets = direction.candidate_directions(tiny_llama, selection, directions, saes, "selected")
     found = direction.candidates(saes, targets, latents, top_k=3, cos_floor=0.05)
     assert [f for f, _ in found] == [Feature(1, 5)] and found[0][1] > 0.99
+
+
+def test_direction_stage_records_the_filter_and_the_choice(tmp_path):
+    overrides = ["model=tiny_llama", "sae=random", "layer=tiny", "logger=none"]
+    sizes = ["data.n_train=6", "data.n_val=4", "search.direction.n_positions=1"]
+    ctx = pipeline.setup(make_cfg([*overrides, *sizes], tmp_path))
+    sets = {name: getattr(ctx.prompts, name) for name in direction_stage.SETS}
+    scores = {name: ctx.forwards.refusal_scores(p) for name, p in sets.items()}
+    # a threshold with a prompt of every harmless set at or under it and one of every
+    # harmful set above it: the filter keeps some prompts of each set
+    threshold = max(scores["harmless_train"].min(), scores["harmless_val"].min()).item()
+    assert threshold < min(scores["harmful_train"].max(), scores["harmful_val"].max())
+    ctx.cfg.judge.threshold = threshold
+    selection = direction_stage.run(ctx)
+    record = DirectionRecord.model_validate_json((tmp_path / "direction.json").read_text())
+    for name, s in scores.items():
+        refused = int((s > threshold).sum())
+        kept = refused if name.startswith("harmful") else len(s) - refused
+        assert (record.prompts[name].kept, record.prompts[name].dropped) == (kept, len(s) - kept)
+    assert record.chosen_by in direction.RULES and record.admissible == selection.admissible
+    assert direction_stage.run(ctx).record() == record  # a resumed run reads it back

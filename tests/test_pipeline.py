@@ -27,6 +27,9 @@ BASE = [
     "search.capability.n_prompts=2",
     "data.n_train=4",
     "data.n_val=2",
+    # a random model's refusal scores say nothing of harm: its thresholds here would leave
+    # the baseline filter no harmless (or harmful) prompt (tests/test_direction.py)
+    "search.direction.filter_prompts=false",
 ]
 
 
