@@ -68,6 +68,7 @@ class Context:
             layers=edit.layers,
             prompt_only=self.engine.intervention.positions == "prompt",
             max_new_tokens=self.cfg.judge.max_new_tokens,
+            spare=self.engine.spared,
         )[0]
 
     @property

@@ -6,21 +6,37 @@ positions (the chat-template tokens between the instruction and the reply). The
 stop refusal on harmful prompts (bypass score, lower is better), adding r at its layer
 should induce refusal on harmless prompts (induce score), and ablating r should barely
 change harmless first-token distributions (KL); the last 20% of layers are excluded.
+Where no candidate passes both filters the selection says so and falls back (RULES), or
+stops, as Arditi et al. do. As they do, the prompts are first filtered by the model's
+own baseline: harmful ones kept only where it refuses them, harmless ones only where it
+does not.
+
+The candidate SAE features are the latents whose decoder rows lie nearest the selected
+direction, at every SAE layer (or, per_layer, each layer's own difference of means).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
 from sae_lens import SAE
 from tqdm import tqdm
 
+from refusal.errors import ConfigError, DataError
 from refusal.features import Feature
 from refusal.forwards import Forwards
 from refusal.interventions import direction_ablation, direction_addition
 from refusal.models import LM
-from refusal.records import DirectionRecord, DirectionScore
+from refusal.records import DirectionRecord, DirectionScore, PromptCount
+
+console = Console(stderr=True)
+# What admits a (layer, position), strictest first: both of Arditi et al.'s filters, then
+# the fallbacks where none passes both (the induce filter first: the direction must carry
+# refusal), the last admitting every candidate.
+RULES = ("induce and KL", "induce only", "KL only", "bypass only")
 
 
 def post_instruction_positions(lm: LM) -> list[int]:
@@ -32,6 +48,31 @@ def post_instruction_positions(lm: LM) -> list[int]:
         if ids[end - len(marker_ids) : end] == marker_ids:
             return list(range(end - len(ids), 0))
     raise ValueError("the chat template does not contain the instruction verbatim")
+
+
+def filter_by_baseline(
+    forwards: Forwards, sets: dict[str, list[str]], threshold: float
+) -> tuple[dict[str, list[str]], dict[str, PromptCount]]:
+    """Each harmful_* set kept to the prompts the model refuses (first-token refusal score
+    above `threshold`), each harmless_* set to those it does not; and the counts."""
+    kept = {}
+    for name, prompts in sets.items():
+        harmful = name.startswith("harmful")
+        refused = (forwards.refusal_scores(prompts) > threshold).tolist()
+        kept[name] = [p for p, r in zip(prompts, refused) if r == harmful]
+        if not kept[name]:
+            raise DataError(
+                f"the model {'refuses none' if harmful else 'refuses all'} of the "
+                f"{len(prompts)} {name} prompts (first-token refusal score above "
+                f"{threshold}), so the baseline filter leaves none to take the refusal "
+                "direction from: check model.refusal_tokens and judge.threshold, or set "
+                "search.direction.filter_prompts=false."
+            )
+    counts = {
+        name: PromptCount(kept=len(kept[name]), dropped=len(sets[name]) - len(kept[name]))
+        for name in sets
+    }
+    return kept, counts
 
 
 def mean_diff(forwards: Forwards, harmful: list[str], harmless: list[str]) -> torch.Tensor:
@@ -53,9 +94,35 @@ class Selection:
     position: int  # negative offset from the end of the prompt
     direction: torch.Tensor  # (d_model,), unnormalised difference of means
     scores: list[DirectionScore]  # every candidate's bypass / induce / KL
+    chosen_by: str  # the rule (RULES) that admitted it: both filters, or a fallback
+    # prompts kept and dropped per set by the baseline filter; empty: not filtered
+    prompts: dict[str, PromptCount] = field(default_factory=dict)
+
+    @property
+    def admissible(self) -> bool:
+        """Whether it passed both filters, as Arditi et al. require."""
+        return self.chosen_by == RULES[0]
 
     def record(self) -> DirectionRecord:
-        return DirectionRecord(layer=self.layer, position=self.position, scores=self.scores)
+        return DirectionRecord(
+            layer=self.layer,
+            position=self.position,
+            admissible=self.admissible,
+            chosen_by=self.chosen_by,
+            prompts=self.prompts,
+            scores=self.scores,
+        )
+
+    @classmethod
+    def of(cls, record: DirectionRecord, direction: torch.Tensor) -> Selection:
+        return cls(
+            record.layer,
+            record.position,
+            direction,
+            record.scores,
+            record.chosen_by,
+            record.prompts,
+        )
 
 
 def select(
@@ -67,8 +134,11 @@ def select(
     kl_max: float = 0.1,
     induce_min: float = 0.0,
     n_positions: int | None = None,
+    on_none_admissible: str = "warn",
 ) -> Selection:
-    """Choose (position, layer) by bypass score among candidates passing the KL and induce filters.
+    """Choose (position, layer) by bypass score among candidates passing the KL and induce
+    filters; where none passes both, warn and fall back (RULES), or raise a ConfigError
+    (on_none_admissible="error").
 
     n_positions limits the search to the last n post-instruction positions (None: all).
     """
@@ -89,40 +159,70 @@ def select(
         scores.append(
             DirectionScore(layer=layer, position=positions[p], bypass=bypass, induce=induce, kl=kl)
         )
-    best = min(_admissible(scores, kl_max, induce_min), key=lambda s: s.bypass)
+    rule, admitted = _admissible(scores, kl_max, induce_min)
+    if rule != RULES[0]:
+        _none_admissible(rule, kl_max, induce_min, on_none_admissible)
+    best = min(admitted, key=lambda s: s.bypass)
     p = positions.index(best.position)
-    return Selection(best.layer, best.position, directions[best.layer, p], scores)
+    return Selection(best.layer, best.position, directions[best.layer, p], scores, rule)
 
 
 def _admissible(
     scores: list[DirectionScore], kl_max: float, induce_min: float
-) -> list[DirectionScore]:
-    """Candidates passing both of Arditi et al.'s filters; where none does, those passing
-    the induce filter (the direction must carry refusal), then the KL one, then all."""
+) -> tuple[str, list[DirectionScore]]:
+    """The strictest rule (RULES) that admits some candidate, and those it admits."""
     induces = [s for s in scores if s.induce > induce_min]
     gentle = [s for s in scores if s.kl < kl_max]
-    return [s for s in induces if s in gentle] or induces or gentle or scores
+    both = [s for s in induces if s in gentle]
+    return next((r, found) for r, found in zip(RULES, (both, induces, gentle, scores)) if found)
+
+
+def _none_admissible(rule: str, kl_max: float, induce_min: float, action: str) -> None:
+    """Say that no candidate passed both filters, and by which rule one was chosen instead;
+    or stop there, as Arditi et al. do (action "error")."""
+    found = (
+        "no (layer, position) of the refusal direction passes both filters "
+        f"(induce > {induce_min} and KL < {kl_max})"
+    )
+    if action == "error":
+        raise ConfigError(
+            f"{found}: relax search.direction.kl_max or induce_min, or set "
+            f"search.direction.on_none_admissible=warn to choose by {rule}."
+        )
+    console.print(
+        f"[yellow]{found}: chosen by {rule} instead (direction.json: admissible false)[/]",
+        soft_wrap=True,  # one line, to grep logs for
+    )
+
+
+def candidate_directions(
+    lm: LM, selection: Selection, directions: torch.Tensor, layers: Iterable[int], mode: str
+) -> dict[int, torch.Tensor]:
+    """The direction each SAE layer's decoder rows are ranked against: the selected one at
+    every layer ("selected"), or that layer's own difference of means at the selected
+    position ("per_layer")."""
+    if mode == "selected":
+        return dict.fromkeys(layers, selection.direction)
+    p = post_instruction_positions(lm).index(selection.position)
+    return {layer: directions[layer, p] for layer in layers}
 
 
 def candidates(
-    lm: LM,
     saes: dict[int, SAE],
-    directions: torch.Tensor,
-    position: int,
+    targets: dict[int, torch.Tensor],
     latents: dict[int, torch.Tensor],
     top_k: int,
     cos_floor: float,
     min_activation: float = 0.0,
 ) -> list[tuple[Feature, float]]:
     """Per SAE layer, the latents whose decoder rows are most aligned with that layer's
-    refusal direction (at the chosen position), kept where active on the prompt.
+    target direction (candidate_directions), kept where active on the prompt.
 
     latents: the prompt's clean latents per layer, (T, d_sae) each.
     """
-    positions = post_instruction_positions(lm)
     found = []
     for layer, sae in saes.items():
-        r = directions[layer, positions.index(position)].to(sae.W_dec)
+        r = targets[layer].to(sae.W_dec)
         cos = torch.nn.functional.cosine_similarity(sae.W_dec, r.unsqueeze(0), dim=-1)
         active = latents[layer].max(0).values > min_activation
         cos = torch.where(active & (cos >= cos_floor), cos, torch.full_like(cos, -2.0))

@@ -4,11 +4,13 @@ For one prompt the engine runs the model once up to the first SAE layer and cach
 that residual, its keys and values, and the SAE latents there (no mask can change them).
 Scoring a batch of masks then runs only the remaining blocks over the prompt, each SAE
 layer applying the configured intervention (refusal.interventions) to the features
-each row selects; rows that intervene on the same features up to an SAE layer run the
-blocks before it once. Rows whose greedy reply opens like a refusal then decode a few
-more tokens, one at a time through a KV cache, to see whether it becomes a whole
-refusal marker (judge.Openings). Every search stage scores through this engine; many-
-prompt passes and generation are refusal.forwards.
+each row selects, at every position but those holding special tokens (unless
+`special_tokens`; the cache holds the residual before any edit either way); rows that
+intervene on the same features up to an SAE layer run the blocks before it once. Rows
+whose greedy reply opens like a refusal then decode a few more tokens, one at a time
+through a KV cache, to see whether it becomes a whole refusal marker (judge.Openings).
+Every search stage scores through this engine; many-prompt passes and generation are
+refusal.forwards.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sae_lens import SAE
 from refusal.allocator import keep_freed_memory
 from refusal.errors import NumericsError
 from refusal.features import Feature
-from refusal.interventions import Ablation, FeatureEdit, Intervention
+from refusal.interventions import Ablation, Edit, FeatureEdit, Intervention, sparing
 from refusal.judge import Openings, refusal_openings
 from refusal.models import LM, KVCache
 
@@ -66,17 +68,33 @@ class Engine:
         self.tune = tune  # tune the batch size on the first masks scored, then keep it
         self.evals = 0  # masks scored so far, for reporting
 
-    def edit(
-        self, features: list[Feature], masks: torch.Tensor, cache: PromptCache | None = None
+    def feature_edit(
+        self,
+        features: list[Feature],
+        masks: torch.Tensor | None = None,
+        cache: PromptCache | None = None,
     ) -> FeatureEdit:
-        """The intervention on `features`, row b of a batch per masks[b]; with a prompt's
-        cache, the first SAE layer reads its cached latents instead of encoding again."""
+        """The intervention on `features`, row b of a batch per masks[b] (all of them on
+        every row by default), at every position; with a prompt's cache, the first SAE
+        layer reads its cached latents instead of encoding again."""
+        masks = torch.ones(1, len(features), device=self.lm.device) if masks is None else masks
         cached = None if cache is None else (self.start, cache.latents)
         return FeatureEdit(self.intervention, self.saes, features, masks, self.lm.dtype, cached)
 
-    def feature_edit(self, features: list[Feature]) -> FeatureEdit:
-        """The intervention on all `features`, on every row of any batch, on any prompt."""
-        return self.edit(features, torch.ones(1, len(features), device=self.lm.device))
+    def spared(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """The positions of token ids (B, T) that the intervention leaves alone: those
+        holding special tokens, unless it edits them too (interventions module docstring)."""
+        return None if self.intervention.special_tokens else self.lm.is_special(ids)
+
+    def edit(
+        self,
+        features: list[Feature],
+        masks: torch.Tensor,
+        ids: torch.Tensor,
+        cache: PromptCache | None = None,
+    ) -> Edit:
+        """feature_edit over the tokens `ids` ((B or 1, T)), their spared positions left alone."""
+        return sparing(self.feature_edit(features, masks, cache), self.spared(ids))
 
     # -- per-prompt cache and the hot loop ---------------------------------------------
 
@@ -134,7 +152,7 @@ class Engine:
             if not torch.equal(parent, torch.arange(len(h), device=h.device)):
                 h = h[parent]
                 kv.batch_select_indices(parent)
-            edit = self.edit(features, masks[first], cache)
+            edit = self.edit(features, masks[first], cache.input_ids, cache)
             h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
         rows = _unique_rows(state[:, None])[1]  # a row of each final state, in state order
         return self._opening_scores(h[:, -1], features, masks[rows], kv)[state].cpu()
@@ -151,7 +169,8 @@ class Engine:
             kv.batch_select_indices(keep.nonzero().squeeze(-1))
             masks = masks[keep]
             # a new token: its latents are not cached, and a "prompt" edit leaves it alone
-            edit = self.edit(features, masks) if self.intervention.positions == "all" else None
+            prompt_only = self.intervention.positions == "prompt"
+            edit = None if prompt_only else self.edit(features, masks, tokens[:, None])
             h = self.lm.embed(tokens[:, None])
             h = self.lm.run_blocks(h, 0, edit=edit, cache=kv, past=past)
             past += 1
@@ -235,7 +254,7 @@ class Engine:
         mask = (
             torch.ones(1, len(features)) if mask is None else torch.as_tensor(mask).reshape(1, -1)
         )
-        edit = self.edit(features, mask.to(self.lm.device), cache)
+        edit = self.edit(features, mask.to(self.lm.device), cache.input_ids, cache)
         seen = {self.start: cache.latents}
 
         def record(layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from refusal.interventions import Edit, EmbedEdit
+from refusal.interventions import Edit, EmbedEdit, Spare, sparing
 from refusal.judge import refusal_score
 from refusal.models import LM
 
@@ -37,13 +38,20 @@ class Forwards:
         instructions: list[str],
         edit: Edit | None = None,
         embed_edit: EmbedEdit | None = None,
+        spare: Spare | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (N, vocab) at the reply's start, with an optional residual edit."""
+        """Next-token logits (N, vocab) at the reply's start, with an optional residual edit
+        (left out at the positions `spare` names, e.g. the engine's special tokens)."""
         out = []
         for batch in self._batches(instructions):
             h = self.lm.embed(batch["input_ids"])
             h = embed_edit(h) if embed_edit else h
-            h = self.lm.run_blocks(h, 0, attention_mask=batch["attention_mask"], edit=edit)
+            h = self.lm.run_blocks(
+                h,
+                0,
+                attention_mask=batch["attention_mask"],
+                edit=_on(edit, spare, batch["input_ids"]),
+            )
             out.append(self.lm.next_token_logits(h[:, -1]).float().cpu())
         return torch.cat(out)
 
@@ -84,6 +92,7 @@ class Forwards:
         prompt_only: bool = False,
         max_new_tokens: int = 48,
         desc: str | None = None,
+        spare: Spare | None = None,
     ) -> list[str]:
         """Greedy replies, batched with left padding, prompts sorted by length (little
         padding); `edit` applied at `layers` (all by default), see `hooked`."""
@@ -93,7 +102,7 @@ class Forwards:
         for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
             idx = order[start : start + self.batch_size]
             batch = self.lm.tokenize([instructions[i] for i in idx])
-            with hooked(self.lm, edit, layers, embed_edit, prompt_only):
+            with hooked(self.lm, edit, layers, embed_edit, prompt_only, spare):
                 out = self.lm.generator.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
@@ -108,6 +117,11 @@ class Forwards:
         return replies
 
 
+def _on(edit: Edit | None, spare: Spare | None, ids: torch.Tensor) -> Edit | None:
+    """`edit` over the tokens `ids`, the positions `spare` names left alone."""
+    return edit if edit is None or spare is None else sparing(edit, spare(ids))
+
+
 @contextmanager
 def hooked(
     lm: LM,
@@ -115,34 +129,39 @@ def hooked(
     layers: Iterable[int] | None = None,
     embed_edit: EmbedEdit | None = None,
     prompt_only: bool = False,
+    spare: Spare | None = None,
 ) -> Iterator[None]:
     """Apply `edit` to the output of blocks `layers` (all by default), and `embed_edit` to
     the embeddings, inside the model's own forward (HF generate) through forward hooks:
-    on every position, or on the prompt alone (prompt_only).
+    on every position, or on the prompt alone (prompt_only); `edit` is left out at the
+    positions `spare` names in each forward's tokens.
 
     With KV caching the first forward is the prompt; later ones are generated tokens.
     """
     if edit is None and embed_edit is None:
         yield
         return
-    state = {"prefill": True}
+    state: dict[str, Any] = {"prefill": True, "edit": edit}
 
     def live() -> bool:
         return state["prefill"] or not prompt_only
 
+    def tokens(module, args) -> None:  # each forward's input ids: the prompt, then new tokens
+        state["edit"] = _on(edit, spare, args[0])
+
     def block_hook(layer: int):
         def apply(module, args, output):
-            return edit(layer, output) if edit is not None and live() else output
+            return state["edit"](layer, output) if edit is not None and live() else output
 
         return apply
 
     layers = range(lm.n_layers) if layers is None else layers
     handles = [lm.blocks[layer].register_forward_hook(block_hook(layer)) for layer in layers]
+    embeddings = lm.model.get_input_embeddings()
+    handles.append(embeddings.register_forward_pre_hook(tokens))
     if embed_edit is not None:
         handles.append(
-            lm.model.get_input_embeddings().register_forward_hook(
-                lambda m, a, out: embed_edit(out) if live() else out
-            )
+            embeddings.register_forward_hook(lambda m, a, out: embed_edit(out) if live() else out)
         )
     handles.append(
         lm.blocks[lm.n_layers - 1].register_forward_hook(lambda *_: state.update(prefill=False))

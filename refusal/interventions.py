@@ -13,6 +13,10 @@ its features:
 - Steer: α·Σ_{i∈S} W_dec[i] added at every position (a positive α pushes the feature).
 `search.intervention` names the one the engine applies; its settings are `search.<name>`.
 A new one is a class here with `delta` and `weights`, and its section in conf/search/.
+Positions holding special tokens (BOS, `<|im_start|>`, `<|im_end|>`, …) are left alone
+unless `special_tokens` is set: SAEs are often trained without them (sae-lens's
+`exclude_special_tokens`), and editing the attention sink that the first of them holds
+disturbs every later position, whatever the feature means (`sparing`).
 
 Direction edits (Arditi et al.) act on the refusal direction instead of latents: it is
 projected out of every residual write, or added at one layer.
@@ -33,6 +37,8 @@ from refusal.features import Feature
 # An edit of the residual stream at the output of one block: (layer, hidden) -> hidden.
 Edit = Callable[[int, torch.Tensor], torch.Tensor]
 EmbedEdit = Callable[[torch.Tensor], torch.Tensor]
+# The positions of a batch of token ids (B, T) that an edit leaves alone, or None for none.
+Spare = Callable[[torch.Tensor], torch.Tensor | None]
 POSITIONS = ("all", "prompt")
 
 
@@ -63,6 +69,8 @@ class Intervention(ABC):
     # "all": generated tokens too, so the edit holds while the reply is written;
     # "prompt": prompt tokens only
     positions: str
+    # whether positions holding special tokens are edited too
+    special_tokens: bool
     # whether `delta` reads the latents' activations (the engine passes cached ones)
     uses_activations: bool
 
@@ -96,6 +104,7 @@ class Ablation(Intervention):
     mode: str = "zero"
     scale: float = 0.0
     positions: str = "all"
+    special_tokens: bool = False
     uses_activations = True
 
     @property
@@ -129,6 +138,7 @@ class Steer(Intervention):
 
     alpha: float = 4.0
     positions: str = "all"
+    special_tokens: bool = False
     uses_activations = False
 
     def weights(self, masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,6 +183,14 @@ class FeatureEdit:
         if cached is not None and self.intervention.uses_activations:
             acts = cached[1][..., idx].to(sae.dtype)  # no mask changes them: no encode
         return h + self.intervention.delta(sae, h, idx, weight, acts)
+
+
+def sparing(edit: Edit, spared: torch.Tensor | None) -> Edit:
+    """`edit`, except at the positions `spared` marks ((B or 1, T), True: left as they were)."""
+    if spared is None:
+        return edit
+    keep = spared.unsqueeze(-1)
+    return lambda layer, h: torch.where(keep, h, edit(layer, h))
 
 
 # -- the refusal direction ------------------------------------------------------------

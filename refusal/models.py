@@ -140,6 +140,15 @@ class LM:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[len(head) :]
 
+    @cached_property
+    def special_ids(self) -> torch.Tensor:
+        """The tokenizer's special tokens (BOS, EOS, padding, chat-turn markers)."""
+        return torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=self.device)
+
+    def is_special(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which of the token ids hold a special token (bool, the shape of `ids`)."""
+        return torch.isin(ids, self.special_ids.to(ids.device))
+
     @property
     def end_of_turn_ids(self) -> list[int]:
         """The tokens that end the assistant's turn: generation's EOS ids and the tokenizer's."""

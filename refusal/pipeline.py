@@ -35,6 +35,8 @@ console = Console(stderr=True)
 
 CHOICES = {
     "search.fm.target": ("bce", "mse"),
+    "search.candidates.direction": ("selected", "per_layer"),
+    "search.direction.on_none_admissible": ("warn", "error"),
     "judge.kind": ("markers", "classifier"),
 }
 

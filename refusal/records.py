@@ -160,11 +160,24 @@ class DirectionScore(Model):
     kl: float  # first-token KL on harmless val prompts with r ablated
 
 
+class PromptCount(Model):
+    """One prompt set of the direction through the baseline filter."""
+
+    kept: int  # harmful: refused by the model; harmless: not refused
+    dropped: int
+
+
 class DirectionRecord(Model):
-    """direction.json: the chosen (layer, position) and every candidate's scores."""
+    """direction.json: the chosen (layer, position), how it was chosen, the prompts it was
+    taken from, and every candidate's scores."""
 
     layer: int
     position: int
+    admissible: bool  # it passed both filters (induce and KL); false: a fallback chose it
+    chosen_by: str  # "induce and KL", or the fallback: "induce only", "KL only", "bypass only"
+    # per set (harmful_train, harmless_train, harmful_val, harmless_val): prompts kept and
+    # dropped by the baseline filter; empty where search.direction.filter_prompts=false
+    prompts: dict[str, PromptCount]
     scores: list[DirectionScore]
 
 

@@ -2,7 +2,8 @@
 with sae-lens's full encode / decode, one mask at a time or batched.
 
 What a careful user writes without the engine; the tests hold the engine to it and the
-benchmark times it. Nothing here is cached or sparse on purpose.
+benchmark times it. Nothing here is cached or sparse on purpose. Positions the engine
+spares (special tokens, `Engine.spared`) are left out of the hooked edit alike.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def hooked_scores(
     for i in range(0, len(masks), batch_size):
         chunk = masks[i : i + batch_size]
         edit = reference_edit(engine, features, chunk)
-        with hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only), torch.no_grad():
+        with (
+            hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only, spare=engine.spared),
+            torch.no_grad(),
+        ):
             out = engine.lm.generator.generate(
                 **{k: v.expand(len(chunk), -1) for k, v in batch.items()},
                 max_new_tokens=engine.openings.depth,
@@ -119,7 +123,10 @@ def naive_replies(
     replies = []
     for mask in tqdm(masks, desc="naive (hooks + generation)", unit="mask"):
         edit = reference_edit(engine, features, mask[None])
-        with hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only), torch.no_grad():
+        with (
+            hooked(engine.lm, edit, engine.saes, prompt_only=prompt_only, spare=engine.spared),
+            torch.no_grad(),
+        ):
             out = engine.lm.generator.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -240,7 +240,7 @@ class Tracker:
 
     @_guarded
     def direction(self, selection: Selection) -> None:
-        """Every (layer, position) candidate's bypass / induce / KL, and the chosen one."""
+        """Every (layer, position) candidate's bypass / induce / KL, the chosen one and how."""
         chosen = (selection.layer, selection.position)
         rows = [
             [s.layer, s.position, s.bypass, s.induce, s.kl, (s.layer, s.position) == chosen]
@@ -249,7 +249,12 @@ class Tracker:
         columns: list[Any] = ["layer", "position", "bypass", "induce", "kl", "chosen"]
         self.run.log({"direction/scores": wandb.Table(columns=columns, data=rows)})
         self.run.summary.update(
-            {"direction/layer": selection.layer, "direction/position": selection.position}
+            {
+                "direction/layer": selection.layer,
+                "direction/position": selection.position,
+                "direction/admissible": selection.admissible,
+                "direction/chosen_by": selection.chosen_by,
+            }
         )
 
     @_guarded

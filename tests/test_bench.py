@@ -22,6 +22,7 @@ def test_benchmark_writes_its_figures(tmp_path):
         "bench.max_new_tokens=4",
         "bench.n_greedy=2",
         "judge.threshold=-1000",  # every prompt counts as refused
+        "search.direction.filter_prompts=false",  # which would leave no harmless prompt
         f"bench.out={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]

@@ -190,9 +190,51 @@ def test_generation_edit_matches_scoring_edit(tiny_llama, intervention):
     features = active_features(engine, cache)
     edit = engine.feature_edit(features)
     batch = tiny_llama.tokenize([PROMPT])
-    with hooked(tiny_llama, edit, edit.layers):
+    with hooked(tiny_llama, edit, edit.layers, spare=engine.spared):
         score = refusal_score(tiny_llama.model(**batch).logits[:, -1], refusal_ids)
-    torch.testing.assert_close(score, engine.score(cache, features, torch.ones(1, len(features))))
+    expected = engine.score(cache, features, torch.ones(1, len(features)))
+    torch.testing.assert_close(score, expected)
+    # the capability cost's many-prompt pass too
+    logits = tiny_forwards(tiny_llama).first_token_logits([PROMPT], edit, spare=engine.spared)
+    torch.testing.assert_close(refusal_score(logits, refusal_ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_special_token_positions_are_left_alone_unless_asked(tiny_llama):
+    """special_tokens=false: at <|im_start|> / <|im_end|> the residual keeps its latents,
+    elsewhere it is the splice with the features' latents zeroed; true: both are spliced.
+    Either way the engine scores as the hooked reference does."""
+    engines = {
+        special_tokens: tiny_engine(  # the same random SAEs: one prompt cache serves both
+            tiny_llama,
+            intervention=Ablation(special_tokens=special_tokens),
+            openings=own_openings(tiny_llama),
+        )
+        for special_tokens in (False, True)
+    }
+    cache = engines[False].prepare(PROMPT)
+    special = tiny_llama.is_special(cache.input_ids[0])
+    z, sae = cache.latents, engines[False].saes[1]
+    # the latents most active at a special position and at an ordinary one
+    latents = sorted({int(z[where].max(0).values.argmax()) for where in (special, ~special)})
+    features = [Feature(1, i) for i in latents]
+    ablated = z.clone()
+    ablated[:, latents] = 0
+    spliced = cache.hidden[0] + sae.decode(ablated) - sae.decode(z)
+    for where in (special, ~special):  # the features are active at both kinds of position
+        assert not torch.allclose(spliced[where], cache.hidden[0][where])
+    ones = torch.ones(1, len(features))
+    edited = {
+        special_tokens: engine.edit(features, ones, cache.input_ids, cache)(1, cache.hidden)[0]
+        for special_tokens, engine in engines.items()
+    }
+    close = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(edited[True], spliced, **close)
+    torch.testing.assert_close(edited[False][special], cache.hidden[0][special], **close)
+    torch.testing.assert_close(edited[False][~special], spliced[~special], **close)
+    masks = torch.tensor([[1] * len(features), [0] * len(features)])
+    for engine in engines.values():
+        expected = reference_scores(engine, features, masks)
+        torch.testing.assert_close(engine.score(cache, features, masks), expected, **close)
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt"])

@@ -27,6 +27,9 @@ BASE = [
     "search.capability.n_prompts=2",
     "data.n_train=4",
     "data.n_val=2",
+    # a random model's refusal scores say nothing of harm: its thresholds here would leave
+    # the baseline filter no harmless (or harmful) prompt (tests/test_direction.py)
+    "search.direction.filter_prompts=false",
 ]
 
 
@@ -127,3 +130,5 @@ def test_an_unknown_stage_or_intervention_is_named(tmp_path):
         pipeline.setup(make_cfg([*BASE, "search.stages=[baseline,bogus]"], tmp_path))
     with pytest.raises(ConfigError, match="search.intervention=bogus"):
         pipeline.setup(make_cfg([*BASE, "search.intervention=bogus"], tmp_path))
+    with pytest.raises(ConfigError, match="search.candidates.direction=bogus"):
+        pipeline.setup(make_cfg([*BASE, "search.candidates.direction=bogus"], tmp_path))

@@ -157,6 +157,7 @@ def synthetic_results() -> tuple[list[BaselineRecord], Selection, list[PromptRes
             DirectionScore(layer=11, position=-1, bypass=0.5, induce=1.0, kl=0.01),
             DirectionScore(layer=12, position=-1, bypass=-2.0, induce=2.0, kl=0.02),
         ],
+        chosen_by="induce only",  # no candidate passed both filters
     )
     flipped = [  # prompt 0: every stage; 80 evals in 2 s over its rows
         {
@@ -273,6 +274,8 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
     scores = table(run, "direction/scores")
     assert [(s["layer"], s["chosen"]) for s in scores] == [(11, False), (12, True)]
     assert (run.summary["direction/layer"], run.summary["direction/position"]) == (12, -1)
+    assert not run.summary["direction/admissible"]
+    assert run.summary["direction/chosen_by"] == "induce only"
 
     prompts = table(run, "search/prompts")
     assert [p["prompt_id"] for p in prompts] == [0, 1]

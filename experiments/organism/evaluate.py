@@ -22,8 +22,9 @@ Settings: conf/organism_eval.yaml (`--help` lists them).
 - direction_ablation: the difference-of-means refusal direction (refusal.direction),
   its (layer, position) chosen as the search chooses it (refusal.direction.select with
   `search.direction`: bypass on harmful_val.json, induce and KL filters on a harmless_val
-  sample); ablated at one layer only and at every layer (plus the embeddings), harmful
-  refusal rates.
+  sample; the prompts first filtered by the organism's first-token refusal, score > 0);
+  ablated at one layer only and at every layer (plus the embeddings), harmful refusal
+  rates.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ from tqdm import tqdm
 from experiments.organism.common import CONF, PromptFiles, forwards, sample, write_json
 from refusal import data, interventions, models
 from refusal import saes as sae_loading
-from refusal.direction import mean_diff, post_instruction_positions, select
+from refusal.direction import (
+    filter_by_baseline,
+    mean_diff,
+    post_instruction_positions,
+    select,
+)
 from refusal.errors import ConfigError
 from refusal.forwards import Forwards
 from refusal.interventions import Edit, EmbedEdit
@@ -298,26 +304,36 @@ def direction_ablation(
 ) -> dict:
     """Harmful refusal rates with the refusal direction ablated: at every layer (the selected
     direction), and per source layer at that layer only or at every layer."""
-    c, seed = cfg.direction, cfg.seed
-    harmful = sample(files.read("harmful_train"), c.n_train, seed)
-    harmless = sample(files.read("harmless_train"), c.n_train, seed)
-    directions = mean_diff(fw, harmful, harmless)  # (n_layers, n_positions, d)
-    s = cfg.search.direction
+    c, s, seed = cfg.direction, cfg.search.direction, cfg.seed
+    sets = {
+        "harmful_train": sample(files.read("harmful_train"), c.n_train, seed),
+        "harmless_train": sample(files.read("harmless_train"), c.n_train, seed),
+        "harmful_val": files.read("harmful_val"),
+        "harmless_val": sample(files.read("harmless_val"), c.n_harmless_val, seed),
+    }
+    kept = {}
+    if s.filter_prompts:  # a score above 0 is a refusal, as in refusal_rates
+        sets, kept = filter_by_baseline(fw, sets, threshold=0.0)
+    directions = mean_diff(fw, sets["harmful_train"], sets["harmless_train"])
     selection = select(
         fw,
         directions,
-        files.read("harmful_val"),
-        sample(files.read("harmless_val"), c.n_harmless_val, seed),
+        sets["harmful_val"],
+        sets["harmless_val"],
         s.exclude_last_fraction,
         s.kl_max,
         s.induce_min,
         s.n_positions,
+        s.on_none_admissible,
     )
     at = post_instruction_positions(fw.lm).index(selection.position)
     out = {
         "n_train_each": c.n_train,
+        "prompts_kept": {name: count.model_dump() for name, count in kept.items()},
         "position": selection.position,
         "selected_layer": selection.layer,
+        "admissible": selection.admissible,
+        "chosen_by": selection.chosen_by,
         "candidates": [score.model_dump() for score in selection.scores],
     }
     edit, embed_edit = interventions.direction_ablation(selection.direction)

@@ -11,7 +11,7 @@ from refusal.stages.stage import Stage, flipped
 def harmless_kl(ctx: Context, work: Work) -> float:
     assert work.result.greedy is not None
     edit = ctx.engine.feature_edit(work.result.greedy.minimal)
-    ablated = ctx.forwards.first_token_logits(ctx.capability_prompts, edit)
+    ablated = ctx.forwards.first_token_logits(ctx.capability_prompts, edit, spare=ctx.engine.spared)
     return first_token_kl(ctx.capability_logits, ablated).mean().item()
 
 

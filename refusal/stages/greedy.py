@@ -1,12 +1,12 @@
 """Greedy filtering: prune the candidate features to a 1-minimal flipping set M.
 
-Candidates are the SAE latents whose decoder rows align with the refusal direction
-(refusal.direction.candidates), active on the prompt. It works on any probe that scores
-feature masks (the engine bound to one prompt, or a synthetic oracle in tests). Each
-step scores all single removals as one batch; the removable features are then dropped
-together, as many as still flip (one more batch, of prefixes at geometric sizes). The
-final step's single removals all restore refusal, so every returned set is verified
-1-minimal by the score, never assumed.
+Candidates are the SAE latents whose decoder rows align with the selected refusal
+direction, at every SAE layer (refusal.direction.candidates), active on the prompt. It
+works on any probe that scores feature masks (the engine bound to one prompt, or a
+synthetic oracle in tests). Each step scores all single removals as one batch; the
+removable features are then dropped together, as many as still flip (one more batch, of
+prefixes at geometric sizes). The final step's single removals all restore refusal, so
+every returned set is verified 1-minimal by the score, never assumed.
 """
 
 from __future__ import annotations
@@ -115,19 +115,15 @@ def sequential_minimal_set(probe: Probe, features: list[Feature], threshold: flo
 
 
 def candidates(ctx: Context, work: Work) -> list[Candidate]:
-    """The prompt's candidates: latents aligned with the refusal direction, active on it."""
+    """The prompt's candidates: latents aligned with the refusal direction (the selected
+    one, or each layer's own: search.candidates.direction), active on it."""
     assert ctx.directions is not None and ctx.selection is not None
     c = ctx.cfg.search.candidates
-    found = direction.candidates(
-        ctx.lm,
-        ctx.engine.saes,
-        ctx.directions,
-        ctx.selection.position,
-        work.clean,
-        c.top_k,
-        c.cos_floor,
-        c.min_activation,
+    saes = ctx.engine.saes
+    targets = direction.candidate_directions(
+        ctx.lm, ctx.selection, ctx.directions, saes, c.direction
     )
+    found = direction.candidates(saes, targets, work.clean, c.top_k, c.cos_floor, c.min_activation)
     return [Candidate(feature=f, cos=cos) for f, cos in found]
 
 
