@@ -58,7 +58,11 @@ SEARCH_COLUMNS = [
     "reply_before",
     "reply_after",
     "flip_verified",
-    "fm_heldout_auc",
+    "fm_test_auc",
+    "fm_additive_test_auc",
+    "fm_all_of_m_auc",
+    "fm_interaction_gain",
+    "fm_interactions_significant",
     "n_dormant",
     "harmless_kl",
 ]
@@ -74,6 +78,8 @@ DORMANT_COLUMNS = [
     "effect",
     "neuronpedia",
 ]
+# The FM's test numbers: `fm/<key>` per prompt, and `fm_<key>` columns of search/prompts.
+FM_METRICS = ["test_auc", "additive_test_auc", "all_of_m_auc", "interaction_gain"]
 SUMMARY_KEYS = [
     "n_eval",
     "n_refused",
@@ -85,6 +91,8 @@ SUMMARY_KEYS = [
     "wall_seconds",
     "minimal_set_sizes",
     "fm_heldout_auc",
+    "median_interaction_gain",
+    "n_interactions_significant",
     "harmless_kl",
 ]
 
@@ -291,13 +299,13 @@ class Tracker:
                 readout.interactions, labels, f"prompt {pid}: FM interactions"
             )
             payload["fm/interactions"] = wandb.Image(figure, caption=f"prompt {pid}")
-            if readout.heldout_auc is not None:
-                payload["fm/heldout_auc"] = readout.heldout_auc
+            metrics = {key: getattr(readout, key) for key in FM_METRICS}
+            payload |= {f"fm/{key}": v for key, v in metrics.items() if v is not None}
         self.run.log(payload)
 
     def _search_row(self, result: PromptResult, greedy: GreedyRecord) -> list:
         # greedy keeps a set only where ablating every candidate flipped the prompt
-        minimal, verification = greedy.minimal, result.verification
+        minimal, verification, readout = greedy.minimal, result.verification, result.interactions
         return [
             result.prompt_id,
             result.instruction,
@@ -314,7 +322,8 @@ class Tracker:
             result.baseline.reply,
             verification.reply_after if verification is not None else "",
             result.flip_verified,
-            result.fm_auc,
+            *(getattr(readout, key) if readout else None for key in FM_METRICS),
+            readout.interactions_significant if readout else None,
             len(result.dormant_features),
             result.harmless_kl,
         ]

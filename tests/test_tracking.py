@@ -185,7 +185,14 @@ def synthetic_results() -> tuple[list[BaselineRecord], Selection, list[PromptRes
             "features": ["L12/7", "L12/9", "L12/11"],
             "n_masks": 64,
             "flip_fraction": 0.3,
-            "heldout_auc": 0.9,
+            "test_auc": 0.9,
+            "additive_test_auc": 0.85,
+            "all_of_m_auc": 0.8,
+            "interaction_gain": 0.05,
+            "gain_interval": [0.01, 0.1],
+            "interactions_significant": True,
+            "n_distinct_masks": 64,
+            "n_test": 12,
             "main_effects": [],
             "top_pairs": [{"a": "L12/7", "b": "L12/9", "interaction": -0.8}],
             "interactions": [[0.0, -0.8, 0.1], [-0.8, 0.0, 0.0], [0.1, 0.0, 0.0]],
@@ -283,7 +290,9 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
         f"https://www.neuronpedia.org/{NP_ID}/9",
     ]
     assert (first["reply_before"], first["reply_after"]) == ("I can't.", "Here is how")
-    assert first["evals"] == 80 and first["fm_heldout_auc"] == 0.9
+    assert first["evals"] == 80 and first["fm_test_auc"] == 0.9
+    assert (first["fm_additive_test_auc"], first["fm_all_of_m_auc"]) == (0.85, 0.8)
+    assert first["fm_interaction_gain"] == 0.05 and first["fm_interactions_significant"]
     assert prompts[1]["minimal"] == "" and not prompts[1]["flip_verified"]
 
     candidates = table(run, "direction/candidates")
@@ -313,6 +322,9 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
     assert dormant["neuronpedia"] == f"https://www.neuronpedia.org/{NP_ID}/300"
     images = [h["fm/interactions"] for h in run.history if "fm/interactions" in h]
     assert len(images) == 1
+    (fm,) = [h for h in run.history if "fm/test_auc" in h]
+    assert (fm["fm/test_auc"], fm["fm/additive_test_auc"]) == (0.9, 0.85)
+    assert (fm["fm/all_of_m_auc"], fm["fm/interaction_gain"]) == (0.8, 0.05)
     assert (run_dir / "files" / images[0]["path"]).read_bytes()[:4] == b"\x89PNG"
 
     s = run.summary
