@@ -31,6 +31,7 @@ from refusal.features import Feature
 from refusal.records import (
     BaselineRecord,
     DormantFeature,
+    FMReadout,
     GreedyRecord,
     PromptResult,
     Summary,
@@ -100,6 +101,20 @@ SUMMARY_KEYS = [
 def neuronpedia_url(np_id: str | None, feature: Feature) -> str:
     """The feature's Neuronpedia page, or "" when its SAE is not on Neuronpedia."""
     return f"{NEURONPEDIA}/{np_id}/{feature.latent}" if np_id else ""
+
+
+def heatmap_title(prompt_id: int, readout: FMReadout) -> str:
+    """What the FM's pairwise terms are: interactions only where they beat the additive
+    model on the test masks (the gain's interval above zero)."""
+    gain, interval = readout.interaction_gain, readout.gain_interval
+    measured = (
+        f"AUC gain over additive {gain:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+        if gain is not None and interval is not None
+        else "AUC gain not measured"
+    )
+    if readout.interactions_significant:
+        return f"prompt {prompt_id}: FM interactions ({measured})"
+    return f"prompt {prompt_id}: FM pairwise terms, no interaction shown ({measured})"
 
 
 def interaction_heatmap(matrix: list[list[float]], labels: list[str], title: str) -> Figure:
@@ -285,7 +300,8 @@ class Tracker:
             ["prompt_id", "a", "b", "interaction", "neuronpedia_a", "neuronpedia_b"],
             [
                 [pid, str(p.a), str(p.b), p.interaction, self.url(p.a), self.url(p.b)]
-                for p in (readout.top_pairs if readout is not None else [])
+                # pairs only where they are interactions (beat the additive model)
+                for p in (readout.top_pairs if readout and readout.interactions_significant else [])
             ],
         )
         payload |= self._grow(
@@ -295,10 +311,9 @@ class Tracker:
         )
         if readout is not None:
             labels = [str(f) for f in readout.features]
-            figure = interaction_heatmap(
-                readout.interactions, labels, f"prompt {pid}: FM interactions"
-            )
-            payload["fm/interactions"] = wandb.Image(figure, caption=f"prompt {pid}")
+            title = heatmap_title(pid, readout)
+            figure = interaction_heatmap(readout.interactions, labels, title)
+            payload["fm/interactions"] = wandb.Image(figure, caption=title)
             metrics = {key: getattr(readout, key) for key in FM_METRICS}
             payload |= {f"fm/{key}": v for key, v in metrics.items() if v is not None}
         self.run.log(payload)

@@ -167,6 +167,14 @@ def test_run_report_lists_prompts_and_interaction_heatmaps(tmp_path):
     assert list(prompts["evals"].fillna(0)) == [50, 50, 50, 0]
     assert list(prompts["interactions_significant"].fillna(-1)) == [True, -1, False, -1]
     assert list(prompts["additive_auc"].fillna(0)) == pytest.approx([0.75, 0, 0.8, 0])
+    # interactions are spoken of only where the gain's interval lies above zero
+    assert report.FM_NOTE in text
+    (job,) = report.load_jobs(run)
+    assert "FM interactions (AUC gain over additive +0.050 [+0.010, +0.090])" in (
+        report.heatmap_title(0, job.interactions[0])
+    )
+    title = report.heatmap_title(2, job.interactions[2])
+    assert "no interaction shown" in title and "interactions" not in title
 
 
 def test_cli_writes_elsewhere_with_out(sweep, tmp_path, capsys):

@@ -356,6 +356,27 @@ def test_a_wandb_failure_is_a_warning_not_a_crash(caplog):
         assert any(f"W&B {stage} failed" in m and "run directory" in m for m in warned), stage
 
 
+class RecordingRun:
+    """A W&B run that keeps what is logged to it."""
+
+    def __init__(self):
+        self.logged: list[dict] = []
+
+    def log(self, payload: dict) -> None:
+        self.logged.append(payload)
+
+
+def test_pairs_that_do_not_beat_the_additive_model_are_not_logged_as_interactions():
+    searched = synthetic_results()[2][0]
+    assert searched.interactions is not None
+    searched.interactions.interactions_significant = False
+    run = RecordingRun()
+    tracking.Tracker(run).prompt(searched)
+    (payload,) = run.logged
+    assert "fm/top_pairs" not in payload and "fm/interactions" in payload
+    assert payload["fm/interaction_gain"] == 0.05
+
+
 def test_a_wandb_that_cannot_start_leaves_a_working_run(tmp_path, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise RuntimeError("no W&B today")
