@@ -6,8 +6,10 @@ import torch
 from omegaconf import OmegaConf
 from torchmetrics.functional.classification import binary_auroc
 
-from refusal import fm
+from refusal import fm, pipeline
+from refusal.errors import ConfigError
 from refusal.features import Feature
+from tests.conftest import make_cfg
 
 FEATURES = [Feature(1, i) for i in range(10)]
 A, B = FEATURES[0], FEATURES[1]  # the sampler's M: the first two columns
@@ -137,6 +139,15 @@ def test_masks_are_distinct_and_test_masks_are_never_trained_on():
     assert not test & (train | val) and len(test | val | train) == 128
     with pytest.raises(ValueError, match="repeat"):
         fm.MaskDataModule(torch.cat([masks, masks[:1]]), *torch.zeros(2, 129))
+
+
+@pytest.mark.parametrize(
+    "split", [["search.fm.val=0.5", "search.fm.test=0.5"], ["search.fm.test=0"]]
+)
+def test_a_split_that_leaves_no_masks_to_train_or_test_on_is_a_config_error(split):
+    pipeline.validate(make_cfg([]))  # the defaults split
+    with pytest.raises(ConfigError, match="search.fm.val"):
+        pipeline.validate(make_cfg(split))
 
 
 def test_the_sampler_covers_every_partial_ablation_of_m():
