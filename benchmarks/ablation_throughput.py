@@ -184,9 +184,7 @@ def flip_agreement(ctx: Context, prompts: list[str], bench: DictConfig) -> dict:
             continue
         minimal = greedy.minimal_set(probe, found, ctx.flip_threshold).minimal
         extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
-        masks = fm.sample_masks(
-            bench.n_naive, len(minimal), len(extra), c.p_minimal, c.p_extra, ctx.cfg.seed
-        )
+        masks = fm.sample_masks(bench.n_naive, len(minimal), len(extra), c.p_extra, ctx.cfg.seed)
         features = minimal + extra
         replies = naive_replies(ctx.engine, prompt, features, masks, bench.max_new_tokens)
         scores = probe.score(features, masks).tolist()

@@ -118,7 +118,7 @@ class Engine:
     ) -> torch.Tensor:
         """Opening refusal score for each mask row (masks: (B, len(features)) in {0,1}).
 
-        A row repeated (the FM's random masks repeat a few percent) is scored once.
+        A row repeated is scored once.
         """
         masks = torch.as_tensor(masks, device=self.lm.device)
         if masks.ndim == 1:

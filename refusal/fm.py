@@ -5,11 +5,20 @@
 
 x ∈ {0,1}ⁿ says which features a mask ablates. The target is the flip (BCE on logits)
 or the refusal score (MSE). Main effects wᵢ and the strongest ⟨vᵢ,vⱼ⟩ are the readout.
+
+The readout is only worth what the FM predicts beyond simpler rules, so the distinct
+masks are split into train, validation (early stopping, checkpoint) and test (scored
+only), and on the test masks the FM's AUC is set beside that of the same model without
+pairwise terms (rank 0, "additive") and of the rule "all of M ablated". The interaction
+gain (FM AUC − additive AUC) counts as an interaction only where its bootstrap interval
+lies above zero. An AND of features (all of M) is additive in rank, so it gains nothing:
+a gain needs flips that no weighted sum of the ablated features ranks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import hydra
 import lightning as L
@@ -22,9 +31,13 @@ from torchmetrics.functional.classification import binary_auroc
 from refusal.features import Feature
 from refusal.records import FMReadout, MainEffect, Pair
 
+LEVEL = 0.95  # of the gain's two-sided percentile bootstrap interval
+TRIES = 20  # rounds of drawing replacements for repeated masks before settling for fewer
+
 
 class FactorizationMachine(L.LightningModule):
-    """Degree-2 FM; `target` is "bce" (predict the flip) or "mse" (the refusal score)."""
+    """Degree-2 FM; `target` is "bce" (predict the flip) or "mse" (the refusal score).
+    rank=0 leaves no pairwise term: the additive model the FM is measured against."""
 
     def __init__(
         self,
@@ -78,23 +91,30 @@ class FactorizationMachine(L.LightningModule):
 
 
 class MaskDataModule(L.LightningDataModule):
-    """Mask / target pairs with a seeded held-out split."""
+    """Distinct masks with their targets, split (seeded) into test, validation and train.
+
+    Validation stops training and picks the checkpoint, so its AUC is tuned on; test is
+    only scored. Masks must not repeat, or a test mask could also be a training mask.
+    """
 
     def __init__(
         self,
         masks: torch.Tensor,
         target: torch.Tensor,
         flips: torch.Tensor,
-        heldout: float = 0.2,
+        val: float = 0.15,
+        test: float = 0.2,
         batch_size: int = 64,
         seed: int = 0,
     ):
         super().__init__()
+        if len(distinct(masks)) < len(masks):
+            raise ValueError("masks repeat: a test mask would also be a training mask")
+        n_test, n_val = (max(1, int(len(masks) * share)) for share in (test, val))
         order = torch.randperm(len(masks), generator=torch.Generator().manual_seed(seed))
-        n_val = max(1, int(len(masks) * heldout))
+        parts = order.split([n_test, n_val, len(masks) - n_test - n_val])
         data = (masks.float(), target.float(), flips.float())
-        self.val = TensorDataset(*(t[order[:n_val]] for t in data))
-        self.train = TensorDataset(*(t[order[n_val:]] for t in data))
+        self.test, self.val, self.train = (TensorDataset(*(t[i] for t in data)) for i in parts)
         self.batch_size = batch_size
 
     def train_dataloader(self):
@@ -126,36 +146,54 @@ def extra_features(
 
 
 def sample_masks(
-    n_masks: int,
-    n_minimal: int,
-    n_extra: int,
-    p_minimal: float | None,
-    p_extra: float,
-    seed: int,
+    n_masks: int, n_minimal: int, n_extra: int, p_extra: float, seed: int
 ) -> torch.Tensor:
-    """Bernoulli masks: minimal-set features with p_minimal, extra features with p_extra.
+    """Up to n_masks distinct masks over M (the first n_minimal columns) and the extras.
 
-    p_minimal=None ablates the whole minimal set in half the masks (p = 0.5^(1/|M|)): a flip
-    usually needs all of a 1-minimal set, so a fixed p = 0.5 would leave a set of six with
-    one flipping mask in 64 and a held-out split with hardly any positives.
-    Row 0 ablates exactly the minimal set and row 1 nothing, so both outcomes appear.
+    How many features of M a mask ablates, k, takes each value 0..|M| in turn, and which k
+    is drawn at random; each extra feature is ablated with p_extra. A 1-minimal M flips
+    mostly when all of it is ablated, so masks that ablated all of M in half the samples
+    let the rule "all of M ablated" explain nearly every flip and left the pairwise terms
+    little to show. Spreading k evenly puts masks on every partial ablation of M (where
+    pairs inside M and with the extras can tell), and keeps a share of about 1/(|M|+1) of
+    masks with all of M ablated and as many with none, so both outcomes occur.
+
+    Repeats are dropped and redrawn (up to TRIES rounds of n_masks): when M and the extras
+    are few, fewer distinct masks exist, and then fewer come back.
     """
-    if p_minimal is None:
-        p_minimal = 0.5 ** (1 / max(n_minimal, 1))
     gen = torch.Generator().manual_seed(seed)
-    p = torch.tensor([p_minimal] * n_minimal + [p_extra] * n_extra)
-    masks = torch.bernoulli(p.expand(n_masks, -1), generator=gen)
-    masks[0], masks[1] = torch.cat([torch.ones(n_minimal), torch.zeros(n_extra)]), 0
+    masks = torch.zeros(0, n_minimal + n_extra)
+    for _ in range(TRIES):
+        if len(masks) == n_masks:
+            break
+        # a whole round each time: drawing only the shortfall would seldom hit rare masks
+        fresh = _draw(n_masks, n_minimal, n_extra, p_extra, gen)
+        masks = distinct(torch.cat([masks, fresh]))[:n_masks]
     return masks
 
 
-def heldout_auc(model: FactorizationMachine, data: MaskDataModule) -> float | None:
-    """AUC for predicting flips on the held-out masks; None if they are all one class."""
-    x, _target, flips = data.val.tensors
-    if flips.sum() in (0, len(flips)):
-        return None
-    with torch.no_grad():
-        return binary_auroc(model.flip_logit(model(x)).sigmoid(), flips.long()).item()
+def _draw(
+    n: int, n_minimal: int, n_extra: int, p_extra: float, gen: torch.Generator
+) -> torch.Tensor:
+    k = torch.arange(n) % (n_minimal + 1)
+    # a random permutation per row: its k smallest entries pick k features of M
+    minimal = torch.rand(n, n_minimal, generator=gen).argsort(1) < k[:, None]
+    extra = torch.rand(n, n_extra, generator=gen) < p_extra
+    return torch.cat([minimal, extra], 1).float()
+
+
+def distinct(masks: torch.Tensor) -> torch.Tensor:
+    """The rows of masks in first-seen order, repeats dropped (torch.unique would sort)."""
+    rows = dict.fromkeys(tuple(row) for row in masks.tolist())
+    return masks.new_tensor(list(rows)).reshape(len(rows), masks.shape[1])
+
+
+class Fitted(NamedTuple):
+    """A trained model, its best checkpoint and the epochs it ran."""
+
+    model: FactorizationMachine
+    checkpoint: str | None
+    epochs: int
 
 
 def fit(
@@ -163,6 +201,7 @@ def fit(
     scores: torch.Tensor,
     threshold: float,
     features: list[Feature],
+    n_minimal: int,
     cfg: DictConfig,
     trainer_cfg: DictConfig,
     out_dir: Path,
@@ -170,12 +209,38 @@ def fit(
     seed: int = 0,
     top_pairs: int = 10,
 ) -> FMReadout:
-    """Train the FM with the configured Lightning Trainer and read out effects and pairs."""
-    L.seed_everything(seed, workers=True, verbose=False)
+    """Train the FM and its additive baseline with the configured Lightning Trainer on the
+    same split; read out effects and pairs, and how the FM does on the test masks."""
     flips = (scores < threshold).float()
     target = flips if cfg.target == "bce" else scores
-    data = MaskDataModule(masks, target, flips, cfg.heldout, cfg.batch_size, seed)
-    model = FactorizationMachine(masks.shape[1], cfg.rank, cfg.target, cfg.lr, cfg.weight_decay)
+    data = MaskDataModule(masks, target, flips, cfg.val, cfg.test, cfg.batch_size, seed)
+    # the loggers are the FM's (its curves): the baseline logs none
+    additive = train(0, data, cfg, trainer_cfg, out_dir / "additive", False, seed)
+    # started from the additive fit, pairwise terms that do not help validation stay near
+    # zero; from scratch, the FM stopped early on noise and fell behind the baseline
+    fm = train(cfg.rank, data, cfg, trainer_cfg, out_dir, logger, seed, additive.model)
+    return readout(fm, additive, data, features, n_minimal, cfg.bootstrap, seed, top_pairs)
+
+
+def train(
+    rank: int,
+    data: MaskDataModule,
+    cfg: DictConfig,
+    trainer_cfg: DictConfig,
+    out_dir: Path,
+    logger,
+    seed: int,
+    start: FactorizationMachine | None = None,
+) -> Fitted:
+    """One model fitted on data's train split, stopped and checkpointed (out_dir/fm.ckpt)
+    on its validation split; the best checkpoint's model."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    n_features = data.train.tensors[0].shape[1]
+    model = FactorizationMachine(n_features, rank, cfg.target, cfg.lr, cfg.weight_decay)
+    if start is not None:
+        with torch.no_grad():
+            model.w0.copy_(start.w0)
+            model.w.copy_(start.w)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="fm", monitor="val_loss", save_top_k=1)
     trainer: L.Trainer = hydra.utils.instantiate(
         trainer_cfg,
@@ -186,30 +251,87 @@ def fit(
     trainer.fit(model, datamodule=data)
     if checkpoint.best_model_path:
         model = FactorizationMachine.load_from_checkpoint(checkpoint.best_model_path)
-    return readout(
-        model, data, features, checkpoint.best_model_path or None, trainer.current_epoch, top_pairs
-    )
+    return Fitted(model, checkpoint.best_model_path or None, trainer.current_epoch)
+
+
+def auc(scores: torch.Tensor, flips: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUC of scores for predicting flips, once per row of weights (B, n): how many times
+    each mask counts, so a bootstrap resample is a row of counts. Ties count a half; NaN
+    where the counted masks hold one class only."""
+    pos, neg = flips.bool(), ~flips.bool()
+    above = scores[pos, None] > scores[None, neg]
+    wins = above.float() + 0.5 * (scores[pos, None] == scores[None, neg]).float()
+    w_pos, w_neg = weights[:, pos], weights[:, neg]
+    return ((w_pos @ wins) * w_neg).sum(1) / (w_pos.sum(1) * w_neg.sum(1))
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int) -> torch.Tensor:
+    """(resamples, n): how often each of n items is drawn, n draws with replacement each."""
+    drawn = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    return torch.zeros(resamples, n).scatter_add_(1, drawn, torch.ones(resamples, n))
+
+
+def interval(samples: torch.Tensor) -> tuple[float, float] | None:
+    """The central LEVEL percentile interval of the finite samples (None if there are none)."""
+    finite = samples[samples.isfinite()]
+    if not len(finite):
+        return None
+    tails = torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    lo, hi = finite.quantile(tails).tolist()
+    return lo, hi
+
+
+def _value(x: torch.Tensor) -> float | None:
+    return x.item() if x.isfinite() else None
+
+
+def compare_on_test(
+    fm: Fitted, additive: Fitted, data: MaskDataModule, n_minimal: int, resamples: int, seed: int
+) -> dict[str, Any]:
+    """On the test masks: the AUC of the FM, of the additive model and of the rule "all of
+    M ablated", the FM's gain over the additive model and the gain's bootstrap interval."""
+    x, _target, flips = data.test.tensors
+    with torch.no_grad():
+        predictors = [m.model.flip_logit(m.model(x)) for m in (fm, additive)]
+    predictors.append(x[:, :n_minimal].all(1).float())
+    # row 0 counts every test mask once; the others are bootstrap resamples of them
+    weights = torch.cat([torch.ones(1, len(x)), bootstrap_counts(len(x), resamples, seed)])
+    fm_auc, additive_auc, all_of_m_auc = (auc(p, flips, weights) for p in predictors)
+    gain = fm_auc - additive_auc  # paired: both models on the same resample
+    gain_interval = interval(gain[1:])
+    return {
+        "test_auc": _value(fm_auc[0]),
+        "additive_test_auc": _value(additive_auc[0]),
+        "all_of_m_auc": _value(all_of_m_auc[0]),
+        "interaction_gain": _value(gain[0]),
+        "gain_interval": gain_interval,
+        "interactions_significant": gain_interval is not None and gain_interval[0] > 0,
+        "n_test": len(x),
+    }
 
 
 def readout(
-    model: FactorizationMachine,
+    fm: Fitted,
+    additive: Fitted,
     data: MaskDataModule,
     features: list[Feature],
-    checkpoint: str | None,
-    epochs: int,
+    n_minimal: int,
+    resamples: int,
+    seed: int,
     top_pairs: int,
 ) -> FMReadout:
-    inter = model.interactions().detach()
+    inter = fm.model.interactions().detach()
     i, j = torch.triu_indices(len(features), len(features), offset=1)
     strongest = inter[i, j].abs().argsort(descending=True)[:top_pairs]
     return FMReadout(
-        heldout_auc=heldout_auc(model, data),
-        main_effects=[MainEffect(feature=f, w=w) for f, w in zip(features, model.w.tolist())],
+        **compare_on_test(fm, additive, data, n_minimal, resamples, seed),
+        n_distinct_masks=len(data.train) + len(data.val) + len(data.test),
+        main_effects=[MainEffect(feature=f, w=w) for f, w in zip(features, fm.model.w.tolist())],
         top_pairs=[
             Pair(a=features[i[k]], b=features[j[k]], interaction=inter[i[k], j[k]].item())
             for k in strongest.tolist()
         ],
         interactions=inter.tolist(),
-        checkpoint=checkpoint,
-        epochs=epochs,
+        checkpoint=fm.checkpoint,
+        epochs=fm.epochs,
     )

@@ -26,7 +26,7 @@ from refusal.engine import Engine
 from refusal.errors import ConfigError
 from refusal.forwards import Forwards
 from refusal.interventions import Intervention
-from refusal.records import RESULTS, BaselineRecord, PromptResult, Summary, join
+from refusal.records import RESULTS, BaselineRecord, InteractionsRecord, PromptResult, Summary, join
 from refusal.rundir import RunDir
 from refusal.stages import baseline
 from refusal.stages import direction as direction_stage
@@ -50,6 +50,12 @@ def validate(cfg: DictConfig) -> None:
     size = cfg.search.batch_size
     if size != "auto" and not (isinstance(size, int) and size > 0):
         raise ConfigError(f"search.batch_size={size} is neither a positive integer nor auto.")
+    val, test = cfg.search.fm.val, cfg.search.fm.test
+    if min(val, test) <= 0 or val + test >= 1:
+        raise ConfigError(
+            f"search.fm.val={val} and search.fm.test={test} must be shares above 0 that "
+            "leave masks to train on (val + test < 1)."
+        )
     stages.check(list(cfg.search.stages))
 
 
@@ -160,6 +166,7 @@ def print_table(results: list[PromptResult]) -> None:
         "|M|",
         "flip",
         "FM AUC",
+        "FM gain",
         "dormant",
         "KL",
         "s",
@@ -176,12 +183,20 @@ def print_table(results: list[PromptResult]) -> None:
             str(len(r.minimal)) if r.flip_verified else "",
             "yes" if r.flip_verified else "",
             "" if auc is None else f"{auc:.2f}",
+            _gain(r.interactions),
             str(len(r.dormant_features)) if r.dormant else "",
             "" if kl is None else f"{kl:.2f}",
             f"{r.seconds:.0f}" if r.searched else "",
             r.instruction[:50],
         )
     Console(width=max(console.width, 120)).print(table)  # one line per prompt, even in logs
+
+
+def _gain(fm: InteractionsRecord | None) -> str:
+    """The FM's test AUC over the additive model's, starred where it is an interaction."""
+    if fm is None or fm.interaction_gain is None:
+        return ""
+    return f"{fm.interaction_gain:+.2f}" + ("*" if fm.interactions_significant else "")
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -96,7 +96,17 @@ class Pair(Model):
 
 
 class FMReadout(Model):
-    heldout_auc: float | None
+    """The FM's effects and pairs, and how it predicts flips on the test masks (None where
+    they hold one class only, and in rows written before there was a test split)."""
+
+    test_auc: float | None = None  # the FM's
+    additive_test_auc: float | None = None  # the same model without pairwise terms
+    all_of_m_auc: float | None = None  # the rule "every feature of M ablated"
+    interaction_gain: float | None = None  # test_auc − additive_test_auc
+    gain_interval: tuple[float, float] | None = None  # its 95 % bootstrap interval
+    interactions_significant: bool = False  # the interval lies above zero
+    n_distinct_masks: int | None = None  # the masks sampled, each once
+    n_test: int | None = None  # of them, the test masks
     main_effects: list[MainEffect]
     top_pairs: list[Pair]  # strongest |⟨vᵢ,vⱼ⟩|
     interactions: list[list[float]]  # the full ⟨vᵢ,vⱼ⟩ matrix, for heatmaps
@@ -107,7 +117,7 @@ class FMReadout(Model):
 class InteractionsRecord(Row, FMReadout):
     stage: Literal["interactions"] = "interactions"
     features: list[FeatureField]  # M, then the extra features sampled beside it
-    n_masks: int
+    n_masks: int  # masks asked for (search.fm.n_masks); n_distinct_masks were drawn
     flip_fraction: float
 
 
@@ -228,7 +238,12 @@ class PromptResult:
 
     @property
     def fm_auc(self) -> float | None:
-        return self.interactions.heldout_auc if self.interactions else None
+        """The FM's AUC on its test masks."""
+        return self.interactions.test_auc if self.interactions else None
+
+    @property
+    def interaction_gain(self) -> float | None:
+        return self.interactions.interaction_gain if self.interactions else None
 
     @property
     def dormant_features(self) -> list[DormantFeature]:
@@ -271,7 +286,9 @@ class Summary(Model):
     flip_rate: float | None
     minimal_set_sizes: list[int]
     all_minimal_verified: bool
-    fm_heldout_auc: list[float | None]
+    fm_heldout_auc: list[float | None]  # the FM's AUC on its test masks
+    median_interaction_gain: float | None = None  # FM over additive test AUC, median
+    n_interactions_significant: int = 0  # verified flips whose gain lies above zero
     harmless_kl: list[float | None]
     n_dormant: int
     direction: dict[str, int] | None
@@ -302,6 +319,11 @@ class Summary(Model):
             minimal_set_sizes=[r.greedy.size for r in flipped if r.greedy],
             all_minimal_verified=all(r.greedy.one_minimal for r in flipped if r.greedy),
             fm_heldout_auc=[r.fm_auc for r in flipped],
+            median_interaction_gain=median_or_none([r.interaction_gain for r in flipped]),
+            n_interactions_significant=sum(
+                r.interactions is not None and r.interactions.interactions_significant
+                for r in flipped
+            ),
             harmless_kl=[r.harmless_kl for r in flipped],
             n_dormant=sum(len(r.dormant_features) for r in flipped),
             direction=None
@@ -318,3 +340,9 @@ def mean_or_none(values: Sequence[float | None]) -> float | None:
     """The mean of the values measured, or None for none (nothing measured is not zero)."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of the values measured, or None for none."""
+    present = [v for v in values if v is not None]
+    return median(present) if present else None

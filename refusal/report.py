@@ -1,6 +1,6 @@
 """Compare runs: per job (a sweep's layers or settings) the flip rate, minimal-set sizes,
-FM held-out AUC, dormant features and how much the minimal sets agree; for one run, its
-prompts and FM interaction heatmaps.
+FM test AUC and its gain over an additive model, dormant features and how much the
+minimal sets agree; for one run, its prompts and the FM's pairwise-term heatmaps.
 
     python -m refusal.report outputs/train/multiruns/<date>      # a sweep, one row per job
     python -m refusal.report outputs/train/runs/<date>           # one run, one row per prompt
@@ -47,7 +47,7 @@ from refusal.records import (
     parse_row,
 )
 from refusal.rundir import RunDir
-from refusal.tracking import interaction_heatmap
+from refusal.tracking import heatmap_title, interaction_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class WandbSummary(BaseModel):
     flip_rate: float | None = None
     minimal_set_sizes: list[int] = []
     fm_heldout_auc: list[float | None] = []
+    median_interaction_gain: float | None = None
+    n_interactions_significant: int | None = None
     harmless_kl: list[float | None] = []
     n_dormant: int | None = None
     evals_per_s: float | None = None
@@ -127,7 +129,7 @@ def load_run(path: Path, root: Path) -> Job:
 
 def prompt_row(result: PromptResult) -> dict[str, Any]:
     """One evaluation prompt: its baseline judgement and, when refused, its search."""
-    verified = result.flip_verified
+    verified, fm = result.flip_verified, result.interactions
     return {
         "prompt_id": result.prompt_id,
         "refused": result.baseline.refused,
@@ -136,7 +138,11 @@ def prompt_row(result: PromptResult) -> dict[str, Any]:
         "size": len(result.minimal) if verified else None,
         "minimal": _text(result.minimal),
         "evals": result.evals if result.searched else None,
-        "fm_auc": result.fm_auc,
+        "fm_auc": result.fm_auc,  # on the FM's test masks
+        "additive_auc": fm.additive_test_auc if fm else None,
+        "all_of_m_auc": fm.all_of_m_auc if fm else None,
+        "interaction_gain": fm.interaction_gain if fm else None,
+        "interactions_significant": fm.interactions_significant if fm else None,
         "n_dormant": len(result.dormant_features) if result.dormant is not None else None,
         "harmless_kl": result.harmless_kl,
         "instruction": result.instruction,
@@ -184,6 +190,8 @@ def jobs_table(jobs: list[Job]) -> pd.DataFrame:
                 "mean_set_size": mean_or_none(sizes),
                 "median_set_size": median(sizes) if sizes else None,
                 "fm_auc": mean_or_none(s.fm_heldout_auc),
+                "fm_interaction_gain": s.median_interaction_gain,
+                "n_fm_interactions": s.n_interactions_significant,
                 "n_dormant": s.n_dormant,
                 "harmless_kl": mean_or_none(s.harmless_kl),
                 "evals_per_s": s.evals_per_s,
@@ -233,7 +241,7 @@ def _present(values: list[float | None]) -> list[float]:
 
 
 def metrics_figure(jobs: list[Job]) -> Figure:
-    """Flip rate, minimal-set sizes, FM held-out AUC and dormant count, per job."""
+    """Flip rate, minimal-set sizes, FM test AUC and dormant count, per job."""
     labels = [job.label for job in jobs]
     fig = Figure(figsize=(max(8.0, 1.6 * len(jobs) + 4), 7), layout="constrained")
     (flips, sizes), (aucs, dormant) = fig.subplots(2, 2)
@@ -242,7 +250,7 @@ def metrics_figure(jobs: list[Job]) -> Figure:
     _distribution(sizes, labels, [j.summary.minimal_set_sizes for j in jobs])
     sizes.set(title="minimal-set size |M|")
     _distribution(aucs, labels, [_present(j.summary.fm_heldout_auc) for j in jobs])
-    aucs.set(title="FM held-out AUC", ylim=(0, 1.05))
+    aucs.set(title="FM test AUC", ylim=(0, 1.05))
     dormant.bar(labels, [job.summary.n_dormant or 0 for job in jobs])
     dormant.set(title="dormant features")
     for ax in (flips, sizes, aucs, dormant):
@@ -277,6 +285,12 @@ def overlap_figure(table: pd.DataFrame, labels: list[str]) -> Figure:
     return fig
 
 
+FM_NOTE = (
+    "A prompt's pairwise terms are interactions only where the FM's test AUC beats the "
+    "same model without them (`interaction_gain`, bootstrap 95% interval above zero: "
+    "`interactions_significant`); elsewhere the test masks show none (main effects alone "
+    "rank the flips as well or better, or a test split of one class gave no AUC)."
+)
 OVERLAP_COLUMNS = ["minimal_set_jaccard", "shared_features", "flipped_prompt_jaccard"]
 
 
@@ -340,11 +354,11 @@ def _overlap_section(jobs: list[Job], out: Path) -> list[str]:
 def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[str]:
     lines = ["## Prompts", "", markdown(prompts), ""]
     if job.interactions:
-        lines += ["## FM interactions", ""]
+        lines += ["## FM pairwise terms", "", FM_NOTE, ""]
     for pid, readout in sorted(job.interactions.items()):
         name = f"report_fm_prompt_{pid}.png"
         labels = [str(f) for f in readout.features]
-        figure = interaction_heatmap(readout.interactions, labels, f"prompt {pid}: FM interactions")
+        figure = interaction_heatmap(readout.interactions, labels, heatmap_title(pid, readout))
         figure.savefig(out / name, dpi=120)
         lines += [f"![prompt {pid}]({name})", ""]
     return lines

@@ -31,6 +31,7 @@ from refusal.features import Feature
 from refusal.records import (
     BaselineRecord,
     DormantFeature,
+    FMReadout,
     GreedyRecord,
     PromptResult,
     Summary,
@@ -58,7 +59,11 @@ SEARCH_COLUMNS = [
     "reply_before",
     "reply_after",
     "flip_verified",
-    "fm_heldout_auc",
+    "fm_test_auc",
+    "fm_additive_test_auc",
+    "fm_all_of_m_auc",
+    "fm_interaction_gain",
+    "fm_interactions_significant",
     "n_dormant",
     "harmless_kl",
 ]
@@ -74,6 +79,8 @@ DORMANT_COLUMNS = [
     "effect",
     "neuronpedia",
 ]
+# The FM's test numbers: `fm/<key>` per prompt, and `fm_<key>` columns of search/prompts.
+FM_METRICS = ["test_auc", "additive_test_auc", "all_of_m_auc", "interaction_gain"]
 SUMMARY_KEYS = [
     "n_eval",
     "n_refused",
@@ -85,6 +92,8 @@ SUMMARY_KEYS = [
     "wall_seconds",
     "minimal_set_sizes",
     "fm_heldout_auc",
+    "median_interaction_gain",
+    "n_interactions_significant",
     "harmless_kl",
 ]
 
@@ -92,6 +101,20 @@ SUMMARY_KEYS = [
 def neuronpedia_url(np_id: str | None, feature: Feature) -> str:
     """The feature's Neuronpedia page, or "" when its SAE is not on Neuronpedia."""
     return f"{NEURONPEDIA}/{np_id}/{feature.latent}" if np_id else ""
+
+
+def heatmap_title(prompt_id: int, readout: FMReadout) -> str:
+    """What the FM's pairwise terms are: interactions only where they beat the additive
+    model on the test masks (the gain's interval above zero)."""
+    gain, interval = readout.interaction_gain, readout.gain_interval
+    measured = (
+        f"AUC gain over additive {gain:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+        if gain is not None and interval is not None
+        else "AUC gain not measured"
+    )
+    if readout.interactions_significant:
+        return f"prompt {prompt_id}: FM interactions ({measured})"
+    return f"prompt {prompt_id}: FM pairwise terms, no interaction shown ({measured})"
 
 
 def interaction_heatmap(matrix: list[list[float]], labels: list[str], title: str) -> Figure:
@@ -282,7 +305,8 @@ class Tracker:
             ["prompt_id", "a", "b", "interaction", "neuronpedia_a", "neuronpedia_b"],
             [
                 [pid, str(p.a), str(p.b), p.interaction, self.url(p.a), self.url(p.b)]
-                for p in (readout.top_pairs if readout is not None else [])
+                # pairs only where they are interactions (beat the additive model)
+                for p in (readout.top_pairs if readout and readout.interactions_significant else [])
             ],
         )
         payload |= self._grow(
@@ -292,17 +316,16 @@ class Tracker:
         )
         if readout is not None:
             labels = [str(f) for f in readout.features]
-            figure = interaction_heatmap(
-                readout.interactions, labels, f"prompt {pid}: FM interactions"
-            )
-            payload["fm/interactions"] = wandb.Image(figure, caption=f"prompt {pid}")
-            if readout.heldout_auc is not None:
-                payload["fm/heldout_auc"] = readout.heldout_auc
+            title = heatmap_title(pid, readout)
+            figure = interaction_heatmap(readout.interactions, labels, title)
+            payload["fm/interactions"] = wandb.Image(figure, caption=title)
+            metrics = {key: getattr(readout, key) for key in FM_METRICS}
+            payload |= {f"fm/{key}": v for key, v in metrics.items() if v is not None}
         self.run.log(payload)
 
     def _search_row(self, result: PromptResult, greedy: GreedyRecord) -> list:
         # greedy keeps a set only where ablating every candidate flipped the prompt
-        minimal, verification = greedy.minimal, result.verification
+        minimal, verification, readout = greedy.minimal, result.verification, result.interactions
         return [
             result.prompt_id,
             result.instruction,
@@ -319,7 +342,8 @@ class Tracker:
             result.baseline.reply,
             verification.reply_after if verification is not None else "",
             result.flip_verified,
-            result.fm_auc,
+            *(getattr(readout, key) if readout else None for key in FM_METRICS),
+            readout.interactions_significant if readout else None,
             len(result.dormant_features),
             result.harmless_kl,
         ]

@@ -70,9 +70,11 @@ def make_run(path: Path, layers: list[int], flips: dict[int, list[str]], overrid
 
 
 def _flip_details(prompt_id: int, minimal: list[str]) -> list[dict]:
-    """The rows of the stages after greedy for a verified flip."""
+    """The rows of the stages after greedy for a verified flip; the FM beats its additive
+    baseline on prompt 0 only."""
     features = [*minimal, "L9/99"]
     n = len(features)
+    gain, interval = (0.05, [0.01, 0.09]) if prompt_id == 0 else (0.0, [-0.02, 0.02])
     return [
         {"stage": "verification", "prompt_id": prompt_id, "reply_after": "Sure"}
         | {"flip_verified": True},
@@ -82,7 +84,14 @@ def _flip_details(prompt_id: int, minimal: list[str]) -> list[dict]:
             "features": features,
             "n_masks": 64,
             "flip_fraction": 0.5,
-            "heldout_auc": 0.8,
+            "test_auc": 0.8,
+            "additive_test_auc": 0.8 - gain,
+            "all_of_m_auc": 0.7,
+            "interaction_gain": gain,
+            "gain_interval": interval,
+            "interactions_significant": prompt_id == 0,
+            "n_distinct_masks": 64,
+            "n_test": 12,
             "main_effects": [],
             "top_pairs": [],
             "interactions": [
@@ -122,6 +131,9 @@ def test_sweep_report_compares_jobs(sweep):
     assert table["flip_rate"].tolist()[:2] == pytest.approx([2 / 3, 2 / 3])
     assert table["mean_set_size"].tolist()[:2] == [1.5, 1.0] and table["fm_auc"][0] == 0.8
     assert list(table["n_dormant"]) == [2, 2, 0]
+    # job 0 flipped prompts 0 (gain 0.05, an interaction) and 1 (gain 0); job 10 nothing
+    assert table["fm_interaction_gain"][0] == pytest.approx(0.025)
+    assert list(table["n_fm_interactions"]) == [1, 1, 0]
 
     overlap = pd.read_csv(sweep / "report_overlap.csv").set_index(["job_a", "job_b"])
     pair = overlap.loc[("0: layers=[1]", "1: layers=[1] seed=1")]
@@ -153,6 +165,16 @@ def test_run_report_lists_prompts_and_interaction_heatmaps(tmp_path):
     # stage columns stay empty where the stage never ran (prompt 1: no flip; 3: not refused)
     assert list(prompts["n_dormant"].fillna(-1)) == [1, -1, 1, -1]
     assert list(prompts["evals"].fillna(0)) == [50, 50, 50, 0]
+    assert list(prompts["interactions_significant"].fillna(-1)) == [True, -1, False, -1]
+    assert list(prompts["additive_auc"].fillna(0)) == pytest.approx([0.75, 0, 0.8, 0])
+    # interactions are spoken of only where the gain's interval lies above zero
+    assert report.FM_NOTE in text
+    (job,) = report.load_jobs(run)
+    assert "FM interactions (AUC gain over additive +0.050 [+0.010, +0.090])" in (
+        report.heatmap_title(0, job.interactions[0])
+    )
+    title = report.heatmap_title(2, job.interactions[2])
+    assert "no interaction shown" in title and "interactions" not in title
 
 
 def test_cli_writes_elsewhere_with_out(sweep, tmp_path, capsys):

@@ -1,9 +1,7 @@
 """Each search stage against a synthetic oracle with planted ground truth (seconds)."""
 
 import torch
-from omegaconf import OmegaConf
 
-from refusal import fm
 from refusal.features import Feature
 from refusal.judge import verdict
 from refusal.stages import dormant, greedy
@@ -85,71 +83,6 @@ def test_greedy_result_is_one_minimal_under_redundancy():
         assert oracle.fn(set(result.minimal) - {f}) >= 0
 
 
-def test_fm_recovers_planted_interaction(tmp_path):
-    feats = FEATURES[:8]
-    a, b = feats[2], feats[5]
-    # a flip needs a AND b; a third feature has a weak main effect only
-    fn = lambda s: 1.0 - 2.0 * (a in s and b in s) - 0.2 * (feats[0] in s)  # noqa: E731
-    masks = fm.sample_masks(400, 0, len(feats), 0.5, 0.5, seed=0)
-    scores = Oracle(fn).score(feats, masks)
-    cfg = OmegaConf.create(
-        {
-            "target": "bce",
-            "rank": 4,
-            "heldout": 0.2,
-            "lr": 0.05,
-            "weight_decay": 0.0,
-            "batch_size": 64,
-            "patience": 30,
-        }
-    )
-    trainer = OmegaConf.create(
-        {
-            "_target_": "lightning.Trainer",
-            "accelerator": "cpu",
-            "max_epochs": 300,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "deterministic": True,
-        }
-    )
-    out = fm.fit(masks, scores, 0.0, feats, cfg, trainer, tmp_path, seed=0)
-    assert {out.top_pairs[0].a, out.top_pairs[0].b} == {a, b}
-    assert out.top_pairs[0].interaction > 0
-    assert out.heldout_auc > 0.95
-    mse = fm.fit(
-        masks,
-        scores,
-        0.0,
-        feats,
-        OmegaConf.merge(cfg, {"target": "mse"}),
-        trainer,
-        tmp_path / "mse",
-    )
-    assert {mse.top_pairs[0].a, mse.top_pairs[0].b} == {a, b}
-    assert mse.heldout_auc > 0.95
-
-
-def test_fm_pairwise_term_matches_explicit_sum():
-    model = fm.FactorizationMachine(5, rank=3)
-    x = torch.bernoulli(torch.full((7, 5), 0.5))
-    explicit = (
-        model.w0
-        + x @ model.w
-        + torch.stack(
-            [
-                sum(
-                    (model.v[i] @ model.v[j]) * row[i] * row[j]
-                    for i in range(5)
-                    for j in range(i + 1, 5)
-                )
-                for row in x
-            ]
-        )
-    )
-    torch.testing.assert_close(model(x), explicit)
-
-
 def test_dormant_finds_planted_backup_and_nothing_else():
     m = Feature(1, 3)
     backup, bystander, always = 7, 9, 5
@@ -181,10 +114,3 @@ def test_classifier_verdicts():
     assert verdict(" Yes", "harmbench") and not verdict("No.", "harmbench")
     assert verdict("\n\nunsafe\nS2", "llamaguard") and not verdict("safe", "llamaguard")
     assert not verdict("", "harmbench")
-
-
-def test_default_mask_sampler_ablates_the_whole_minimal_set_in_half_the_masks():
-    masks = fm.sample_masks(4000, 6, 3, None, 0.3, seed=0)
-    whole = masks[:, :6].all(dim=1).float().mean().item()
-    assert abs(whole - 0.5) < 0.03
-    assert abs(masks[:, 6:].mean().item() - 0.3) < 0.03

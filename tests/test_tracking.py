@@ -186,7 +186,14 @@ def synthetic_results() -> tuple[list[BaselineRecord], Selection, list[PromptRes
             "features": ["L12/7", "L12/9", "L12/11"],
             "n_masks": 64,
             "flip_fraction": 0.3,
-            "heldout_auc": 0.9,
+            "test_auc": 0.9,
+            "additive_test_auc": 0.85,
+            "all_of_m_auc": 0.8,
+            "interaction_gain": 0.05,
+            "gain_interval": [0.01, 0.1],
+            "interactions_significant": True,
+            "n_distinct_masks": 64,
+            "n_test": 12,
             "main_effects": [],
             "top_pairs": [{"a": "L12/7", "b": "L12/9", "interaction": -0.8}],
             "interactions": [[0.0, -0.8, 0.1], [-0.8, 0.0, 0.0], [0.1, 0.0, 0.0]],
@@ -286,7 +293,9 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
         f"https://www.neuronpedia.org/{NP_ID}/9",
     ]
     assert (first["reply_before"], first["reply_after"]) == ("I can't.", "Here is how")
-    assert first["evals"] == 80 and first["fm_heldout_auc"] == 0.9
+    assert first["evals"] == 80 and first["fm_test_auc"] == 0.9
+    assert (first["fm_additive_test_auc"], first["fm_all_of_m_auc"]) == (0.85, 0.8)
+    assert first["fm_interaction_gain"] == 0.05 and first["fm_interactions_significant"]
     assert prompts[1]["minimal"] == "" and not prompts[1]["flip_verified"]
 
     candidates = table(run, "direction/candidates")
@@ -316,6 +325,9 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
     assert dormant["neuronpedia"] == f"https://www.neuronpedia.org/{NP_ID}/300"
     images = [h["fm/interactions"] for h in run.history if "fm/interactions" in h]
     assert len(images) == 1
+    (fm,) = [h for h in run.history if "fm/test_auc" in h]
+    assert (fm["fm/test_auc"], fm["fm/additive_test_auc"]) == (0.9, 0.85)
+    assert (fm["fm/all_of_m_auc"], fm["fm/interaction_gain"]) == (0.8, 0.05)
     assert (run_dir / "files" / images[0]["path"]).read_bytes()[:4] == b"\x89PNG"
 
     s = run.summary
@@ -345,6 +357,27 @@ def test_a_wandb_failure_is_a_warning_not_a_crash(caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     for stage in ("baseline", "direction", "prompt", "summary", "FM metrics", "finish"):
         assert any(f"W&B {stage} failed" in m and "run directory" in m for m in warned), stage
+
+
+class RecordingRun:
+    """A W&B run that keeps what is logged to it."""
+
+    def __init__(self):
+        self.logged: list[dict] = []
+
+    def log(self, payload: dict) -> None:
+        self.logged.append(payload)
+
+
+def test_pairs_that_do_not_beat_the_additive_model_are_not_logged_as_interactions():
+    searched = synthetic_results()[2][0]
+    assert searched.interactions is not None
+    searched.interactions.interactions_significant = False
+    run = RecordingRun()
+    tracking.Tracker(run).prompt(searched)
+    (payload,) = run.logged
+    assert "fm/top_pairs" not in payload and "fm/interactions" in payload
+    assert payload["fm/interaction_gain"] == 0.05
 
 
 def test_a_wandb_that_cannot_start_leaves_a_working_run(tmp_path, monkeypatch, caplog):

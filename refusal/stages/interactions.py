@@ -1,5 +1,6 @@
-"""Interaction discovery: score sampled ablation masks over M plus other features active
-on the prompt (candidates first, then the strongest), and fit the factorization machine."""
+"""Interaction discovery: score distinct sampled ablation masks over M plus other features
+active on the prompt (candidates first, then the strongest), and fit the factorization
+machine and its additive baseline (refusal.fm)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run(ctx: Context, work: Work) -> InteractionsRecord:
     extra = fm.extra_features(minimal, candidates, work.clean, cfg.max_extra)
     features = minimal + extra
     masks = fm.sample_masks(
-        cfg.n_masks, len(minimal), len(extra), cfg.p_minimal, cfg.p_extra, ctx.cfg.seed + prompt_id
+        cfg.n_masks, len(minimal), len(extra), cfg.p_extra, ctx.cfg.seed + prompt_id
     )
     scores = work.probe.score(features, masks)
     out_dir = ctx.out.path / "fm" / f"prompt_{prompt_id}"
@@ -31,6 +32,7 @@ def run(ctx: Context, work: Work) -> InteractionsRecord:
         scores,
         ctx.flip_threshold,
         features,
+        len(minimal),
         cfg,
         ctx.cfg.trainer,
         out_dir,
@@ -46,7 +48,7 @@ def run(ctx: Context, work: Work) -> InteractionsRecord:
     return InteractionsRecord(
         prompt_id=prompt_id,
         features=features,
-        n_masks=len(masks),
+        n_masks=cfg.n_masks,
         flip_fraction=(scores < ctx.flip_threshold).float().mean().item(),
         **dict(readout),
     )
