@@ -116,6 +116,51 @@ class Forwards:
                 replies[i] = text
         return replies
 
+    @torch.no_grad()
+    def reply_logprobs(
+        self,
+        instructions: list[str],
+        replies: list[str],
+        max_tokens: int = 128,
+        edit: Edit | None = None,
+        embed_edit: EmbedEdit | None = None,
+        spare: Spare | None = None,
+    ) -> list[float]:
+        """Mean log-probability per token of each reply (its first `max_tokens` tokens)
+        after its chat-formatted instruction, teacher-forced, with an optional edit (see
+        `hooked`); 0.0 for an empty reply."""
+        tokenizer = self.lm.tokenizer
+        prompts = tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
+        answers = tokenizer(replies, add_special_tokens=False)["input_ids"]
+        rows = [(p, a[:max_tokens]) for p, a in zip(prompts, answers)]
+        out = [0.0] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: sum(map(len, rows[i])))
+        for start in range(0, len(order), self.batch_size):
+            idx = [i for i in order[start : start + self.batch_size] if rows[i][1]]
+            if idx:
+                with hooked(self.lm, edit, embed_edit=embed_edit, spare=spare):
+                    values = self._logprobs([rows[i] for i in idx])
+                for i, value in zip(idx, values):
+                    out[i] = value
+        return out
+
+    def _logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Mean reply-token log-probability of (prompt ids, reply ids) rows, right-padded."""
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, (p, a) in enumerate(rows):
+            ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[r, : len(p) + len(a)] = 1
+        logits = self.lm.model(
+            input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device)
+        ).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None].to(logits.device))
+        means = []
+        for r, (p, a) in enumerate(rows):
+            means.append(logp[r, len(p) - 1 : len(p) + len(a) - 1].mean().item())
+        return means
+
 
 def _on(edit: Edit | None, spare: Spare | None, ids: torch.Tensor) -> Edit | None:
     """`edit` over the tokens `ids`, the positions `spare` names left alone."""
