@@ -161,7 +161,7 @@ def greedy_comparison(ctx: Context, prompts: list[str]) -> dict:
                 "evals": result.evals,
                 "batches": result.batches,
                 "seconds": 1 / rate,
-                "one_minimal": result.one_minimal,
+                "one_minimal_by_score": result.one_minimal_by_score,
             }
         if result.flips_all:
             rows.append(row)

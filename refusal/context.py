@@ -9,11 +9,12 @@ from typing import TypeVar
 import torch
 from omegaconf import DictConfig
 
-from refusal import data, judge, models
+from refusal import data, models
 from refusal.direction import Selection
 from refusal.engine import Engine, PromptProbe
 from refusal.features import Feature
 from refusal.forwards import Forwards
+from refusal.judge import ClassifierJudge, ReplyJudge, Verdict
 from refusal.records import RESULTS, PromptResult, Record, Row, parse_row
 from refusal.rundir import RunDir
 from refusal.tracking import Tracker
@@ -32,7 +33,8 @@ class Context:
     prompts: data.Prompts
     out: RunDir
     tracker: Tracker
-    classifier: judge.ClassifierJudge | None = None
+    judge: ReplyJudge  # the three-verdict judge of generated replies
+    classifier: ClassifierJudge | None = None  # a safety classifier that decides compliance
     selection: Selection | None = None  # set by the direction stage
     directions: torch.Tensor | None = None  # (n_layers, n_positions, d), likewise
 
@@ -46,30 +48,45 @@ class Context:
         threshold, so that greedy generation confirms the flip rather than teeter on it."""
         return self.cfg.judge.threshold - self.cfg.judge.flip_margin
 
-    @property
-    def markers(self) -> list[str] | tuple[str, ...]:
-        return self.cfg.judge.markers or judge.REFUSAL_MARKERS
-
-    def refuses(self, instruction: str, score: float, reply: str) -> bool:
-        return score > self.threshold and self.is_refusal(instruction, reply)
-
-    def is_refusal(self, instruction: str, reply: str) -> bool:
-        """The generation judge: a safety classifier where configured, else refusal markers."""
-        if self.classifier is not None:
-            return not self.classifier.complies(instruction, reply)
-        return judge.is_refusal(reply, self.markers)
+    def verdicts(self, instruction: str, replies: list[str]) -> list[Verdict]:
+        """The judge on replies to one instruction. With a safety classifier, compliance is
+        the classifier's to give: its "yes" is compliance, and a reply it does not call
+        harmful is at most evasive."""
+        judged = [j.verdict for j in self.judge.judge([instruction] * len(replies), replies)]
+        if self.classifier is None:
+            return judged
+        return [
+            Verdict.COMPLIANCE
+            if self.classifier.complies(instruction, reply)
+            else (Verdict.EVASIVE if v == Verdict.COMPLIANCE else v)
+            for reply, v in zip(replies, judged)
+        ]
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
         """The greedy reply with the engine's intervention on `features`."""
-        edit = self.engine.feature_edit(features or [])
-        return self.forwards.generate(
-            [instruction],
-            edit,
-            layers=edit.layers,
-            prompt_only=self.engine.intervention.positions == "prompt",
-            max_new_tokens=self.cfg.judge.max_new_tokens,
-            spare=self.engine.spared,
-        )[0]
+        return self.replies(instruction, [features or []])[0]
+
+    def replies(self, instruction: str, feature_sets: list[list[Feature]]) -> list[str]:
+        """Greedy replies to one instruction, one per feature set intervened on, generated
+        together: row b of a batch carries the edit of set b (per-row masks)."""
+        out: list[str] = []
+        size = self.forwards.batch_size
+        for start in range(0, len(feature_sets), size):
+            sets = feature_sets[start : start + size]
+            features = list(dict.fromkeys(f for s in sets for f in s))
+            masks = torch.tensor([[float(f in s) for f in features] for s in sets])
+            edit = self.engine.feature_edit(
+                features, masks.reshape(len(sets), -1).to(self.lm.device)
+            )
+            out += self.forwards.generate(
+                [instruction] * len(sets),
+                edit,
+                layers=edit.layers,
+                prompt_only=self.engine.intervention.positions == "prompt",
+                max_new_tokens=self.cfg.judge.max_new_tokens,
+                spare=self.engine.spared,
+            )
+        return out
 
     @property
     def capability_prompts(self) -> list[str]:
@@ -79,6 +96,17 @@ class Context:
     def capability_logits(self) -> torch.Tensor:
         """Clean first-token logits on the capability prompts: the same for every prompt."""
         return self.forwards.first_token_logits(self.capability_prompts)
+
+    @cached_property
+    def capability_replies(self) -> list[str]:
+        """The model's own greedy replies to the capability prompts (the ΔCE's text)."""
+        tokens = self.cfg.judge.max_new_tokens
+        return self.forwards.generate(self.capability_prompts, max_new_tokens=tokens)
+
+    @cached_property
+    def capability_logprobs(self) -> list[float]:
+        """Their clean mean log-probability per token."""
+        return self.forwards.reply_logprobs(self.capability_prompts, self.capability_replies)
 
     def written(self) -> list[Record]:
         """Every row already in results.jsonl (all of them on resume)."""

@@ -5,24 +5,31 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from refusal.context import Context
+from refusal.judge import Verdict
 from refusal.records import BaselineRecord
 
 
-def judge(ctx: Context, prompt_id: int, instruction: str) -> BaselineRecord:
-    score = ctx.engine.prepare(instruction).score
-    reply = ctx.reply(instruction)
-    return BaselineRecord(
-        prompt_id=prompt_id,
-        instruction=instruction,
-        score=score,
-        reply=reply,
-        refused=ctx.refuses(instruction, score, reply),
-    )
-
-
 def run(ctx: Context, done: dict[int, BaselineRecord]) -> list[BaselineRecord]:
-    """A record per evaluation prompt: those in `done` (resumed) kept, the others judged."""
-    rows = []
-    for i, instruction in enumerate(tqdm(ctx.prompts.eval, desc="baseline", unit="prompt")):
-        rows.append(done[i] if i in done else ctx.record(judge(ctx, i, instruction)))
-    return rows
+    """A record per evaluation prompt: those in `done` (resumed) kept, the others judged
+    (their clean replies generated together, then each one's opening score)."""
+    todo = [i for i in range(len(ctx.prompts.eval)) if i not in done]
+    instructions = [ctx.prompts.eval[i] for i in todo]
+    tokens = ctx.cfg.judge.max_new_tokens
+    replies = ctx.forwards.generate(instructions, max_new_tokens=tokens, desc="baseline replies")
+    rows = dict(done)
+    for i, instruction, reply in tqdm(
+        list(zip(todo, instructions, replies)), desc="baseline", unit="prompt"
+    ):
+        score = ctx.engine.prepare(instruction).score
+        verdict = ctx.verdicts(instruction, [reply])[0]
+        rows[i] = ctx.record(
+            BaselineRecord(
+                prompt_id=i,
+                instruction=instruction,
+                score=score,
+                reply=reply,
+                verdict=verdict,
+                refused=score > ctx.threshold and verdict == Verdict.REFUSAL,
+            )
+        )
+    return [rows[i] for i in sorted(rows)]

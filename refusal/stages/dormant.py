@@ -1,89 +1,163 @@
-"""Dormant ("hydra") features: later-layer latents that wake when M is ablated.
+"""Dormant ("hydra") features: later-layer latents that wake when parts of M are ablated
+and then hold refusal up.
 
-A latent at SAE layer L is dormant for a prompt when it is silent on the clean prompt,
-becomes active once the features of M at layers before L are ablated, and carries
-refusal: ablating it as well moves the refusal score by more than a margin. This is
-the redundancy that lets refusal survive the removal of its first carriers.
+For each *setting* S — the features of M before a layer L, and each M minus one feature
+(a partial M, on which the model still refuses because something took over) — a latent
+at SAE layer L is a candidate when it is silent on the clean prompt and active under S.
+It is dormant when ablating it as well *lowers* the refusal score by more than the
+margin, and by more than the 95th percentile of a null: latents at the same layer, active
+under S at matched activation, ablated the same way. A latent that raises the score when
+ablated is recorded with its sign but never counted. Where ablating it changes what the
+opening score predicts (refusal under S, compliance with it), a generated reply is
+judged to confirm the effect.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from refusal.context import Context, Work
 from refusal.features import Feature, Probe
 from refusal.records import DormantFeature, DormantRecord
-from refusal.stages.stage import Stage, flipped
+from refusal.stages.stage import Stage, jailbroken
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_activation: float  # awake: activation above this
+    max_candidates: int  # woken latents checked per (setting, layer)
+    margin: float  # score drop that counts
+    null_size: int  # matched latents in the null per (setting, layer)
+    null_percentile: float  # the drop must exceed this percentile of the null's
+
+
+def settings_of(minimal: list[Feature]) -> list[list[Feature]]:
+    """Parts of M to ablate: every M minus one feature (one only: M of size 1 has no
+    partial), and M's features before each layer M touches."""
+    partial = [[g for g in minimal if g != f] for f in minimal] if len(minimal) > 1 else []
+    layers = sorted({f.layer for f in minimal})
+    earlier = [[f for f in minimal if f.layer < layer] for layer in layers[1:]]
+    unique: dict[frozenset[Feature], list[Feature]] = {}
+    for s in [*earlier, *partial]:
+        unique.setdefault(frozenset(s), s)
+    return [s for s in unique.values() if s]
 
 
 def find(
     probe: Probe,
     minimal: list[Feature],
     layers: list[int],
-    min_activation: float,
-    max_candidates: int,
-    margin: float,
+    settings: Settings,
     clean: dict[int, torch.Tensor] | None = None,
 ) -> list[DormantFeature]:
-    """Dormant latents at each SAE layer after the first layer M touches; checked causally.
+    """Dormant latents, strongest drop first, one entry per latent (its largest drop).
 
     `clean`: the prompt's latents without ablation, when the caller already has them.
     """
     clean = probe.latents() if clean is None else clean
+    best: dict[Feature, DormantFeature] = {}
+    for setting in settings_of(minimal):
+        ablated = probe.latents(setting)
+        first = min(f.layer for f in setting)
+        for layer in sorted(x for x in layers if x > first):
+            for found in _at_layer(probe, setting, layer, clean[layer], ablated[layer], settings):
+                known = best.get(found.feature)
+                if known is None or found.effect < known.effect:
+                    best[found.feature] = found
+    return sorted(best.values(), key=lambda d: d.effect)
+
+
+def _at_layer(
+    probe: Probe,
+    setting: list[Feature],
+    layer: int,
+    clean: torch.Tensor,
+    ablated: torch.Tensor,
+    settings: Settings,
+) -> list[DormantFeature]:
+    """The woken latents at one layer under one setting, each scored against the null."""
+    before, after = clean.max(0).values, ablated.max(0).values
+    woken = _strongest(
+        (before <= 0) & (after > settings.min_activation), after, settings.max_candidates
+    )
+    if not woken:
+        return []
+    pool = (before > 0) & (after > settings.min_activation)
+    pool[[f.latent for f in setting if f.layer == layer]] = False  # already ablated
+    null = _matched(after, pool, woken, settings.null_size)
+    latents = woken + null
+    features = setting + [Feature(layer, i) for i in latents]
+    masks = torch.zeros(len(latents) + 1, len(features))
+    masks[:, : len(setting)] = 1
+    for row in range(len(latents)):
+        masks[row + 1, len(setting) + row] = 1
+    scores = probe.score(features, masks).tolist()
+    drops = [scores[0] - s for s in scores[1:]]
+    null_drops = torch.tensor(drops[len(woken) :])
     found = []
-    for layer in sorted(layers):
-        earlier = [f for f in minimal if f.layer < layer]
-        if not earlier:
-            continue
-        woken = _woken(clean[layer], probe.latents(earlier)[layer], min_activation, max_candidates)
-        if not woken:
-            continue
-        features = earlier + [Feature(layer, i) for i, _ in woken]
-        masks = torch.zeros(len(woken) + 1, len(features))
-        masks[:, : len(earlier)] = 1
-        for row in range(len(woken)):
-            masks[row + 1, len(earlier) + row] = 1
-        scores = probe.score(features, masks).tolist()
-        for row, (latent, after) in enumerate(woken):
-            effect = scores[row + 1] - scores[0]
-            if abs(effect) > margin:
-                before = clean[layer][:, latent].max().item()
-                found.append(
-                    DormantFeature(
-                        feature=Feature(layer, latent),
-                        before=before,
-                        after=after,
-                        score_without=scores[0],
-                        score_with=scores[row + 1],
-                        effect=effect,
-                    )
-                )
+    for latent, drop in zip(woken, drops):
+        percentile = 100.0 * (null_drops < drop).float().mean().item() if len(null) else 100.0
+        if drop <= settings.margin or percentile < settings.null_percentile:
+            continue  # raises refusal, or lowers it no more than the null's latents do
+        found.append(
+            DormantFeature(
+                feature=Feature(layer, latent),
+                setting=setting,
+                before=before[latent].item(),
+                after=after[latent].item(),
+                score_without=scores[0],
+                score_with=scores[0] - drop,
+                effect=-drop,
+                null_percentile=percentile,
+                null_size=len(null),
+            )
+        )
     return found
 
 
-def _woken(
-    clean: torch.Tensor, ablated: torch.Tensor, min_activation: float, limit: int
-) -> list[tuple[int, float]]:
-    """Latents silent on the clean prompt and above min_activation once ablated, strongest first."""
-    before, after = clean.max(0).values, ablated.max(0).values
-    candidates = ((before <= 0) & (after > min_activation)).nonzero().flatten()
-    strongest = after[candidates].argsort(descending=True)[:limit]
-    return [(int(candidates[k]), after[candidates[k]].item()) for k in strongest]
+def _strongest(where: torch.Tensor, acts: torch.Tensor, limit: int) -> list[int]:
+    idx = where.nonzero().flatten()
+    return [int(idx[k]) for k in acts[idx].argsort(descending=True)[:limit]]
+
+
+def _matched(acts: torch.Tensor, pool: torch.Tensor, targets: list[int], size: int) -> list[int]:
+    """Up to `size` latents of `pool` whose activations are nearest the targets', taken in
+    turn so that each target gets its nearest ones."""
+    idx = pool.nonzero().flatten().tolist()
+    chosen: list[int] = []
+    ranked = [(acts[idx] - acts[t]).abs().argsort().tolist() for t in targets]
+    ranked = [[idx[k] for k in order] for order in ranked]
+    for k in range(len(idx)):
+        for order in ranked:
+            if len(chosen) == size:
+                return chosen
+            if order[k] not in chosen:
+                chosen.append(order[k])
+    return chosen
+
+
+def confirm(ctx: Context, work: Work, found: list[DormantFeature]) -> list[DormantFeature]:
+    """The judge on a generated reply, where the dormant latent moves the opening score
+    across the threshold (refusal under its setting, not with it ablated as well)."""
+    out = []
+    for d in found:
+        if d.score_without > ctx.threshold >= d.score_with:
+            reply = ctx.reply(work.instruction, [*d.setting, d.feature])
+            d = d.model_copy(update={"verdict_with": ctx.verdicts(work.instruction, [reply])[0]})
+        out.append(d)
+    return out
 
 
 def run(ctx: Context, work: Work) -> DormantRecord:
     cfg, greedy = ctx.cfg.search.dormant, work.result.greedy
     assert greedy is not None
-    features = find(
-        work.probe,
-        greedy.minimal,
-        list(ctx.engine.saes),
-        cfg.min_activation,
-        cfg.max_candidates,
-        cfg.margin,
-        work.clean,
+    settings = Settings(
+        cfg.min_activation, cfg.max_candidates, cfg.margin, cfg.null_size, cfg.null_percentile
     )
-    return DormantRecord(prompt_id=work.result.prompt_id, features=features)
+    found = find(work.probe, greedy.minimal, list(ctx.engine.saes), settings, work.clean)
+    return DormantRecord(prompt_id=work.result.prompt_id, features=confirm(ctx, work, found))
 
 
-STAGE = Stage("dormant", ("greedy",), run, flipped)
+STAGE = Stage("dormant", ("greedy", "verification"), run, jailbroken)

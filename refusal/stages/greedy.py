@@ -6,7 +6,8 @@ works on any probe that scores feature masks (the engine bound to one prompt, or
 synthetic oracle in tests). Each step scores all single removals as one batch; the
 removable features are then dropped together, as many as still flip (one more batch, of
 prefixes at geometric sizes). The final step's single removals all restore refusal, so
-every returned set is verified 1-minimal by the score, never assumed.
+every returned set is 1-minimal by the score, never assumed; verification then checks
+each single removal by generation.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class GreedyResult:
     score: float | None = None  # refusal score with M ablated
     evals: int = 0  # masks scored
     batches: int = 0  # engine calls
-    one_minimal: bool = False  # every single removal was checked to restore refusal
+    one_minimal_by_score: bool = False  # every single removal restores the opening score
 
 
 def _without(n: int, removed: list[list[int]]) -> torch.Tensor:
@@ -71,7 +72,7 @@ def minimal_set(probe: Probe, features: list[Feature], threshold: float) -> Gree
                 drop = order[:size]
         kept = [i for i in kept if i not in drop]
     result.minimal = [features[i] for i in kept]
-    result.one_minimal = True
+    result.one_minimal_by_score = bool(kept)  # the loop ended on a step with nothing removable
     return result
 
 
@@ -142,7 +143,7 @@ def run(ctx: Context, work: Work) -> GreedyRecord:
             "score": result.score,
             "n_masks": result.evals,
             "batches": result.batches,
-            "one_minimal": result.one_minimal,
+            "one_minimal_by_score": result.one_minimal_by_score,
         }
     )
 

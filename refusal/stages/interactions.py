@@ -11,7 +11,7 @@ import torch
 from refusal import fm
 from refusal.context import Context, Work
 from refusal.records import InteractionsRecord
-from refusal.stages.stage import Stage, flipped
+from refusal.stages.stage import Stage, jailbroken
 
 
 def run(ctx: Context, work: Work) -> InteractionsRecord:
@@ -54,4 +54,4 @@ def run(ctx: Context, work: Work) -> InteractionsRecord:
     )
 
 
-STAGE = Stage("interactions", ("greedy",), run, flipped)
+STAGE = Stage("interactions", ("greedy", "verification"), run, jailbroken)

@@ -18,6 +18,11 @@ def flipped(result: PromptResult) -> bool:
     return result.flips_all
 
 
+def jailbroken(result: PromptResult) -> bool:
+    """Verification judged the reply with M ablated compliance."""
+    return result.flip_verified
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
