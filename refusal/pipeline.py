@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import hydra
 import torch
@@ -26,9 +27,18 @@ from refusal.engine import Engine
 from refusal.errors import ConfigError
 from refusal.forwards import Forwards
 from refusal.interventions import Intervention
-from refusal.records import RESULTS, BaselineRecord, InteractionsRecord, PromptResult, Summary, join
+from refusal.records import (
+    RESULTS,
+    BaselineRecord,
+    ControlsRecord,
+    InteractionsRecord,
+    PromptResult,
+    Summary,
+    join,
+)
 from refusal.rundir import RunDir
 from refusal.stages import baseline
+from refusal.stages import controls as controls_stage
 from refusal.stages import direction as direction_stage
 
 console = Console(stderr=True)
@@ -57,6 +67,12 @@ def validate(cfg: DictConfig) -> None:
             "leave masks to train on (val + test < 1)."
         )
     stages.check(list(cfg.search.stages))
+    model = cfg.judge.verdict_model
+    if model is not None and not Path(model).is_file():
+        raise ConfigError(
+            f"judge.verdict_model={model} is not a file: give a SignalModel JSON "
+            "(python -m experiments.judge.fit writes one) or null for the shipped one."
+        )
 
 
 def intervention(cfg: DictConfig) -> Intervention:
@@ -103,6 +119,7 @@ def setup(cfg: DictConfig) -> Context:
         tune=auto_batch,
     )
     refusal_ids = judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens))
+    forwards = Forwards(lm, refusal_ids, batch_size)
     out = RunDir(cfg.paths.output_dir)
     if not resuming(cfg) and out.read(RESULTS):
         out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
@@ -110,12 +127,19 @@ def setup(cfg: DictConfig) -> Context:
         cfg,
         lm,
         engine,
-        Forwards(lm, refusal_ids, batch_size),
+        forwards,
         prompts,
         out,
         tracking.build(cfg),
+        reply_judge(cfg.judge, markers, forwards),
         load_classifier(cfg.judge),
     )
+
+
+def reply_judge(cfg: DictConfig, markers, forwards: Forwards) -> judge.ReplyJudge:
+    """The three-verdict judge: `judge.verdict_model` (the shipped fit by default), with
+    PMI read by the model under study unless `judge.pmi` is off."""
+    return judge.ReplyJudge(cfg.verdict_model, markers, forwards if cfg.pmi else None)
 
 
 def load_classifier(cfg: DictConfig) -> judge.ClassifierJudge | None:
@@ -140,12 +164,16 @@ def search(ctx: Context, result: PromptResult, names: list[str]) -> PromptResult
     return result
 
 
-def summarize(ctx: Context, results: list[PromptResult], started: float) -> Summary:
+def summarize(
+    ctx: Context, results: list[PromptResult], started: float, checks: ControlsRecord | None
+) -> Summary:
     return Summary.of(
         results,
         None if ctx.selection is None else ctx.selection.record(),
+        checks,
         batch_size=ctx.engine.batch_size,  # as tuned, or halved on out-of-memory
         wall_seconds=time.time() - started,
+        judge_agreement=judge_agreement(ctx),
         seed=ctx.cfg.seed,
         versions={
             p: version(p) for p in ("torch", "transformers", "sae-lens", "lightning", "refusal")
@@ -157,6 +185,15 @@ def summarize(ctx: Context, results: list[PromptResult], started: float) -> Summ
     )
 
 
+def judge_agreement(ctx: Context) -> float | None:
+    """The three-verdict judge's cross-validated agreement with the labelled replies it was
+    fitted on (None for a model fitted without them, or a classifier judge)."""
+    if ctx.classifier is not None:
+        return None
+    agreement = ctx.judge.model.agreement
+    return agreement["agreement"] if agreement else None
+
+
 def print_table(results: list[PromptResult]) -> None:
     table = Table(title="refusal search, per prompt")
     for column in (
@@ -164,10 +201,12 @@ def print_table(results: list[PromptResult]) -> None:
         "refused",
         "score",
         "|M|",
-        "flip",
+        "after",
+        "1-min",
         "FM AUC",
         "FM gain",
         "dormant",
+        "random",
         "KL",
         "s",
         "instruction",
@@ -180,16 +219,22 @@ def print_table(results: list[PromptResult]) -> None:
             str(r.prompt_id),
             "yes" if r.baseline.refused else "no",
             f"{r.baseline.score:.2f}",
-            str(len(r.minimal)) if r.flip_verified else "",
-            "yes" if r.flip_verified else "",
+            str(r.greedy.size) if r.greedy and r.greedy.flips_all else "",
+            str(r.verification.verdict_after) if r.verification else "",
+            ("yes" if r.one_minimal else "no") if r.flip_verified else "",
             "" if auc is None else f"{auc:.2f}",
             _gain(r.interactions),
             str(len(r.dormant_features)) if r.dormant else "",
+            _rate(r.random_control.flip_rate if r.random_control else None),
             "" if kl is None else f"{kl:.2f}",
             f"{r.seconds:.0f}" if r.searched else "",
             r.instruction[:50],
         )
     Console(width=max(console.width, 120)).print(table)  # one line per prompt, even in logs
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _gain(fm: InteractionsRecord | None) -> str:
@@ -218,13 +263,15 @@ def run(cfg: DictConfig) -> float | None:
         ctx.tracker.direction(direction_stage.run(ctx))
         for result in tqdm(refused, desc="search", unit="prompt"):
             ctx.tracker.prompt(search(ctx, result, per_prompt))
-    summary = summarize(ctx, results, started)
+    checks = controls_stage.run(ctx, results) if refused and "controls" in names else None
+    summary = summarize(ctx, results, started, checks)
     ctx.out.write_json("summary.json", summary.to_json())
     ctx.tracker.summary(summary)
     print_table(results)
     console.print(
         f"refused {summary.n_refused}/{summary.n_eval}; "
-        f"verified flips {summary.n_flipped_verified}; "
+        f"jailbroken {summary.n_jailbroken} (judge: compliance), "
+        f"unresolved {summary.n_unresolved}; "
         f"minimal set sizes {summary.minimal_set_sizes}; dormant {summary.n_dormant}; "
         f"median search {summary.median_seconds_per_prompt or 0:.0f} s/prompt. "
         f"Results in {ctx.out.path}"

@@ -15,10 +15,19 @@ from dataclasses import dataclass
 from statistics import median
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, TypeAdapter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    computed_field,
+)
 
 from refusal.errors import RefusalError
 from refusal.features import Feature
+from refusal.judge.verdicts import Verdict
 
 RESULTS = "results.jsonl"
 
@@ -54,7 +63,8 @@ class BaselineRecord(Row):
     instruction: str
     score: float  # clean opening score
     reply: str
-    refused: bool  # opening score above threshold and the generation judge agrees
+    verdict: Verdict = Verdict.REFUSAL  # the three-verdict judge on the clean reply
+    refused: bool  # opening score above threshold and the judge says refusal
 
 
 class Candidate(Model):
@@ -71,17 +81,33 @@ class GreedyRecord(Row):
     score: float | None = None  # refusal score with M ablated (all candidates if no flip)
     n_masks: int = 0  # masks greedy filtering asked for, repeats included
     batches: int = 0  # engine calls
-    one_minimal: bool = False  # every single removal was checked to restore refusal
+    one_minimal_by_score: bool = False  # every single removal restores the opening score
 
     @property
     def size(self) -> int:
         return len(self.minimal)
 
 
+class MinimalityCheck(Model):
+    """M with one feature left unablated, judged by generation."""
+
+    feature: FeatureField  # the feature kept
+    verdict: Verdict
+    reply: str
+
+
 class VerificationRecord(Row):
     stage: Literal["verification"] = "verification"
     reply_after: str  # greedy reply with M ablated
-    flip_verified: bool  # the generation judge no longer calls it a refusal
+    verdict_after: Verdict = Verdict.COMPLIANCE  # the judge on reply_after
+    flip_verified: bool  # verdict_after is compliance: a jailbreak
+    minimality: list[MinimalityCheck] = Field(default_factory=list)  # checked if verified
+    one_minimal: bool = False  # verified, and every check above judged refusal
+
+    @property
+    def unresolved(self) -> bool:
+        """The score flipped, but a reader would not call the reply an answer."""
+        return not self.flip_verified
 
 
 class MainEffect(Model):
@@ -123,11 +149,21 @@ class InteractionsRecord(Row, FMReadout):
 
 class DormantFeature(Model):
     feature: FeatureField
+    setting: list[FeatureField] = Field(default_factory=list)  # the part of M ablated first
     before: float  # max activation on the clean prompt
-    after: float  # max activation with the earlier features of M ablated
-    score_without: float  # refusal score, earlier M ablated
-    score_with: float  # refusal score, earlier M and this latent ablated
+    after: float  # max activation with the setting ablated
+    score_without: float  # refusal score, the setting ablated
+    score_with: float  # refusal score, the setting and this latent ablated
     effect: float  # score_with − score_without (negative: it was holding refusal up)
+    null_percentile: float | None = None  # where its drop lies among the matched null's
+    null_size: int = 0  # matched latents in that null
+    verdict_with: Verdict | None = None  # the judge, where the score crossed the threshold
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def sign(self) -> str:
+        """Whether ablating it lowers refusal (it was carrying refusal) or raises it."""
+        return "lowers" if self.effect < 0 else "raises"
 
 
 class DormantRecord(Row):
@@ -140,12 +176,39 @@ class CapabilityRecord(Row):
     harmless_kl: float  # mean first-token KL on harmless prompts with M ablated
 
 
+class RandomControlRecord(Row):
+    """Random sets shaped like M (count per layer), active on the prompt, never of M."""
+
+    stage: Literal["random_control"] = "random_control"
+    n_draws: int  # 0: too few active latents at M's layers to draw one
+    n_flipped: int = 0  # draws whose opening score flips
+    n_judged: int = 0  # of those, generated and judged
+    n_jailbroken_judged: int = 0  # of those, judged compliance
+    first_draw: list[FeatureField] = Field(default_factory=list)  # its capability cost: controls
+
+    @property
+    def flip_rate(self) -> float | None:
+        return self.n_flipped / self.n_draws if self.n_draws else None
+
+    @property
+    def jailbreak_rate(self) -> float | None:
+        """Flip rate times the judged share of flips that are compliance (0 without flips)."""
+        if not self.n_draws:
+            return None
+        if not self.n_flipped:
+            return 0.0
+        if not self.n_judged:
+            return None
+        return self.n_flipped / self.n_draws * self.n_jailbroken_judged / self.n_judged
+
+
 Record = Annotated[
     BaselineRecord
     | GreedyRecord
     | VerificationRecord
     | InteractionsRecord
     | DormantRecord
+    | RandomControlRecord
     | CapabilityRecord,
     Field(discriminator="stage"),
 ]
@@ -160,6 +223,87 @@ def parse_row(row: dict[str, Any]) -> Record:
             "per prompt); rerun it without resume=true, into a new directory."
         )
     return _ROW.validate_python(row)
+
+
+class EditCost(Model):
+    """What an edit costs on harmless prompts (search.capability.n_prompts of harmless val)."""
+
+    harmless_kl: float  # mean first-token KL(clean ‖ edited)
+    delta_ce: float  # mean rise in per-token cross-entropy of the model's own clean replies
+    harmless_refusal_rate: float  # the judge on replies generated under the edit
+    n_prompts: int
+
+
+class TransferMatrix(Model):
+    """Each jailbroken prompt's M (rows) ablated on each searched prompt (columns)."""
+
+    sources: list[int]  # prompt ids
+    targets: list[int]
+    flips: list[list[bool]]  # opening score below the flip threshold
+    n_judged: int  # off-diagonal flips generated and judged (a seeded sample)
+    n_jailbroken_judged: int
+
+    @property
+    def off_diagonal(self) -> list[bool]:
+        return [
+            flip
+            for s, row in zip(self.sources, self.flips)
+            for t, flip in zip(self.targets, row)
+            if s != t
+        ]
+
+    @property
+    def flip_rate(self) -> float | None:
+        off = self.off_diagonal
+        return sum(off) / len(off) if off else None
+
+    @property
+    def rate(self) -> float | None:
+        """Off-diagonal jailbreak fraction: the flip rate times the judged share of flips
+        that are compliance (0 without flips)."""
+        flip_rate = self.flip_rate
+        if flip_rate is None or flip_rate == 0:
+            return flip_rate
+        return flip_rate * self.n_jailbroken_judged / self.n_judged if self.n_judged else None
+
+
+class SharedSet(Model):
+    """One feature set for many prompts: fitted on one half, judged on the other."""
+
+    features: list[FeatureField]
+    fit_prompts: list[int]
+    held_out: list[int]
+    fit_cover: float  # share of the fit prompts whose score it flips
+    n_jailbroken_held_out: int  # the judge says compliance with it ablated
+    cost: EditCost
+    induced_refusal_rate: float  # harmless prompts with its decoder rows added
+
+    @property
+    def jailbreak_rate(self) -> float | None:
+        return self.n_jailbroken_held_out / len(self.held_out) if self.held_out else None
+
+
+class DirectionControl(Model):
+    """The selected refusal direction ablated at every layer, on the refused prompts."""
+
+    n_prompts: int
+    n_jailbroken: int
+    cost: EditCost
+
+    @property
+    def jailbreak_rate(self) -> float | None:
+        return self.n_jailbroken / self.n_prompts if self.n_prompts else None
+
+
+class ControlsRecord(Model):
+    """controls.json: the run-level controls (refusal.controls)."""
+
+    clean_harmless_refusal_rate: float | None = None  # no edit: what every cost compares to
+    transfer: TransferMatrix | None = None
+    shared: SharedSet | None = None
+    direction: DirectionControl | None = None
+    minimal_cost: EditCost | None = None  # the per-prompt Ms' costs, averaged
+    random_cost: EditCost | None = None  # each jailbroken prompt's first random draw's, averaged
 
 
 class DirectionScore(Model):
@@ -200,6 +344,7 @@ class PromptResult:
     verification: VerificationRecord | None = None
     interactions: InteractionsRecord | None = None
     dormant: DormantRecord | None = None
+    random_control: RandomControlRecord | None = None
     capability: CapabilityRecord | None = None
 
     def add(self, record: Record) -> None:
@@ -232,6 +377,11 @@ class PromptResult:
         return self.verification is not None and self.verification.flip_verified
 
     @property
+    def one_minimal(self) -> bool:
+        """M verified a jailbreak, and each single removal judged refusal by generation."""
+        return self.verification is not None and self.verification.one_minimal
+
+    @property
     def minimal(self) -> list[Feature]:
         """M where the flip was verified by generation, else nothing."""
         return self.greedy.minimal if self.flip_verified and self.greedy else []
@@ -255,7 +405,14 @@ class PromptResult:
 
     @property
     def search_rows(self) -> list[Row]:
-        rows = (self.greedy, self.verification, self.interactions, self.dormant, self.capability)
+        rows = (
+            self.greedy,
+            self.verification,
+            self.interactions,
+            self.dormant,
+            self.random_control,
+            self.capability,
+        )
         return [r for r in rows if r is not None]
 
     @property
@@ -282,14 +439,25 @@ class Summary(Model):
 
     n_eval: int
     n_refused: int
-    n_flipped_verified: int
+    n_flipped_verified: int  # = n_jailbroken (kept for older readers)
     flip_rate: float | None
+    n_jailbroken: int = 0  # the judge says compliance with M ablated
+    jailbreak_rate: float | None = None  # n_jailbroken / n_refused
+    n_unresolved: int = 0  # the score flipped, the judge does not say compliance
+    one_minimal_rate: float | None = None  # of the jailbroken, 1-minimal by generation
+    judge_agreement: float | None = None  # the judge against the labelled set (cross-val)
     minimal_set_sizes: list[int]
     all_minimal_verified: bool
     fm_heldout_auc: list[float | None]  # the FM's AUC on its test masks
     median_interaction_gain: float | None = None  # FM over additive test AUC, median
     n_interactions_significant: int = 0  # verified flips whose gain lies above zero
     harmless_kl: list[float | None]
+    random_flip_rate: float | None = None  # random sets shaped like M: score flips, mean
+    random_jailbreak_rate: float | None = None  # the same, judged compliance, mean
+    transfer_rate: float | None = None  # each M on the other prompts: jailbreak fraction
+    shared_set_size: int | None = None
+    shared_set_jailbreak_rate: float | None = None  # on the held-out half
+    direction_jailbreak_rate: float | None = None  # the refusal direction ablated
     n_dormant: int
     direction: dict[str, int] | None
     evals_per_s: float | None
@@ -303,21 +471,33 @@ class Summary(Model):
 
     @classmethod
     def of(
-        cls, results: list[PromptResult], direction: DirectionRecord | None, **run: Any
+        cls,
+        results: list[PromptResult],
+        direction: DirectionRecord | None,
+        controls: ControlsRecord | None = None,
+        **run: Any,
     ) -> Summary:
         """The summary of a run's prompt results; `run` adds batch_size, wall_seconds, seed,
-        versions and config."""
+        versions, config and judge_agreement."""
         searched = [r for r in results if r.searched]
         flipped = [r for r in searched if r.flip_verified and r.greedy]
         n_refused = sum(r.baseline.refused for r in results)
+        verified = [r.verification for r in searched if r.verification]
+        randoms = [r.random_control for r in flipped if r.random_control]
+        transfer = controls.transfer if controls else None
+        shared = controls.shared if controls else None
         evals, seconds = sum(r.evals for r in searched), sum(r.seconds for r in searched)
         return cls(
             n_eval=len(results),
             n_refused=n_refused,
             n_flipped_verified=len(flipped),
             flip_rate=len(flipped) / n_refused if n_refused else None,
+            n_jailbroken=len(flipped),
+            jailbreak_rate=len(flipped) / n_refused if n_refused else None,
+            n_unresolved=sum(v.unresolved for v in verified),
+            one_minimal_rate=mean_or_none([float(r.one_minimal) for r in flipped]),
             minimal_set_sizes=[r.greedy.size for r in flipped if r.greedy],
-            all_minimal_verified=all(r.greedy.one_minimal for r in flipped if r.greedy),
+            all_minimal_verified=all(r.one_minimal for r in flipped),
             fm_heldout_auc=[r.fm_auc for r in flipped],
             median_interaction_gain=median_or_none([r.interaction_gain for r in flipped]),
             n_interactions_significant=sum(
@@ -325,6 +505,14 @@ class Summary(Model):
                 for r in flipped
             ),
             harmless_kl=[r.harmless_kl for r in flipped],
+            random_flip_rate=mean_or_none([c.flip_rate for c in randoms]),
+            random_jailbreak_rate=mean_or_none([c.jailbreak_rate for c in randoms]),
+            transfer_rate=transfer.rate if transfer else None,
+            shared_set_size=len(shared.features) if shared else None,
+            shared_set_jailbreak_rate=shared.jailbreak_rate if shared else None,
+            direction_jailbreak_rate=controls.direction.jailbreak_rate
+            if controls and controls.direction
+            else None,
             n_dormant=sum(len(r.dormant_features) for r in flipped),
             direction=None
             if direction is None

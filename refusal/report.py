@@ -38,10 +38,13 @@ from refusal.errors import RefusalError
 from refusal.features import Feature
 from refusal.records import (
     RESULTS,
+    ControlsRecord,
+    EditCost,
     FeatureField,
     InteractionsRecord,
     PromptResult,
     Summary,
+    TransferMatrix,
     join,
     mean_or_none,
     parse_row,
@@ -94,6 +97,7 @@ class Job:
     prompts: list[dict[str, Any]] = field(default_factory=list)  # rows of report_prompts.csv
     minimal: dict[int, list[Feature]] = field(default_factory=dict)  # of the verified flips
     interactions: dict[int, InteractionsRecord] = field(default_factory=dict)  # FM, per prompt
+    controls: ControlsRecord | None = None  # controls.json, where the controls stage ran
     label: str = ""  # what sets it apart from the other jobs
 
     def minimal_sets(self) -> dict[int, set[Feature]]:
@@ -116,6 +120,7 @@ def load_run(path: Path, root: Path) -> Job:
     summary = Summary.model_validate_json((path / "summary.json").read_text(encoding="utf-8"))
     results = join([parse_row(row) for row in RunDir(path).read(RESULTS)])
     overrides_file = path / ".hydra" / "overrides.yaml"
+    controls_file = path / "controls.json"
     return Job(
         name=str(path.relative_to(root)) if path != root else path.name,
         summary=summary,
@@ -124,6 +129,9 @@ def load_run(path: Path, root: Path) -> Job:
         prompts=[prompt_row(r) for r in results],
         minimal={r.prompt_id: r.minimal for r in results if r.flip_verified},
         interactions={r.prompt_id: r.interactions for r in results if r.interactions is not None},
+        controls=ControlsRecord.model_validate_json(controls_file.read_text())
+        if controls_file.exists()
+        else None,
     )
 
 
@@ -134,7 +142,9 @@ def prompt_row(result: PromptResult) -> dict[str, Any]:
         "prompt_id": result.prompt_id,
         "refused": result.baseline.refused,
         "score": result.baseline.score,
+        "verdict_after": str(result.verification.verdict_after) if result.verification else None,
         "flip_verified": verified,
+        "one_minimal": result.one_minimal if verified else None,
         "size": len(result.minimal) if verified else None,
         "minimal": _text(result.minimal),
         "evals": result.evals if result.searched else None,
@@ -144,6 +154,7 @@ def prompt_row(result: PromptResult) -> dict[str, Any]:
         "interaction_gain": fm.interaction_gain if fm else None,
         "interactions_significant": fm.interactions_significant if fm else None,
         "n_dormant": len(result.dormant_features) if result.dormant is not None else None,
+        "random_flip_rate": result.random_control.flip_rate if result.random_control else None,
         "harmless_kl": result.harmless_kl,
         "instruction": result.instruction,
     }
@@ -351,8 +362,81 @@ def _overlap_section(jobs: list[Job], out: Path) -> list[str]:
     return [*lines, "![overlap](report_overlap.png)", ""]
 
 
+def controls_table(checks: ControlsRecord, summary: Summary) -> pd.DataFrame:
+    """One row per edit: how often it jailbreaks, and what it costs on harmless prompts."""
+    rows = []
+
+    def add(edit: str, rate: float | None, cost: EditCost | None, note: str) -> None:
+        costs = cost.model_dump(exclude={"n_prompts"}) if cost else {}
+        rows.append({"edit": edit, "jailbreak_rate": rate, **costs, "note": note})
+
+    clean = checks.clean_harmless_refusal_rate
+    if clean is not None:
+        none = EditCost(harmless_kl=0.0, delta_ce=0.0, harmless_refusal_rate=clean, n_prompts=0)
+        add("no edit", None, none, "the harmless prompts, clean")
+    add("each prompt's M", summary.jailbreak_rate, checks.minimal_cost, "of the refused prompts")
+    add(
+        "random sets shaped like M",
+        summary.random_jailbreak_rate,
+        checks.random_cost,
+        "cost: each prompt's first draw",
+    )
+    if checks.transfer:
+        t = checks.transfer
+        add(
+            "M on the other prompts",
+            t.rate,
+            None,
+            f"{t.n_jailbroken_judged}/{t.n_judged} judged flips compliance",
+        )
+    if checks.shared:
+        s = checks.shared
+        names = " ".join(str(f) for f in s.features)
+        add(
+            "shared set (held-out half)",
+            s.jailbreak_rate,
+            s.cost,
+            f"{names}; induces refusal {s.induced_refusal_rate:.2f}",
+        )
+    if checks.direction:
+        d = checks.direction
+        add(
+            "refusal direction",
+            d.jailbreak_rate,
+            d.cost,
+            f"{d.n_jailbroken}/{d.n_prompts} refused prompts",
+        )
+    return pd.DataFrame(rows)
+
+
+def transfer_figure(t: TransferMatrix) -> Figure:
+    """Rows: the prompt whose M is ablated; columns: the prompt it is ablated on."""
+    figure = Figure(figsize=(1.2 + 0.35 * len(t.targets), 1.0 + 0.35 * len(t.sources)))
+    ax = figure.subplots()
+    ax.imshow(
+        [[float(f) for f in row] for row in t.flips], cmap="Greys", vmin=0, vmax=1, aspect="auto"
+    )
+    ax.set_xticks(range(len(t.targets)), [str(p) for p in t.targets])
+    ax.set_yticks(range(len(t.sources)), [str(p) for p in t.sources])
+    ax.set_xlabel("prompt ablated on")
+    ax.set_ylabel("M of prompt")
+    ax.set_title("transfer: opening score flips (black)")
+    figure.tight_layout()
+    return figure
+
+
+def _controls_section(checks: ControlsRecord, summary: Summary, out: Path) -> list[str]:
+    lines = ["## Controls", "", markdown(controls_table(checks, summary)), ""]
+    if checks.transfer and checks.transfer.flips:
+        transfer_figure(checks.transfer).savefig(out / "report_transfer.png", dpi=120)
+        lines += ["![transfer](report_transfer.png)", ""]
+    return lines
+
+
 def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[str]:
     lines = ["## Prompts", "", markdown(prompts), ""]
+    if job.controls and isinstance(job.summary, Summary):
+        lines += _controls_section(job.controls, job.summary, out)
     if job.interactions:
         lines += ["## FM pairwise terms", "", FM_NOTE, ""]
     for pid, readout in sorted(job.interactions.items()):

@@ -52,12 +52,15 @@ SEARCH_COLUMNS = [
     "minimal",
     "neuronpedia",
     "size",
+    "one_minimal_by_score",
     "one_minimal",
     "score_after",
     "evals",
     "seconds",
     "reply_before",
     "reply_after",
+    "verdict_before",
+    "verdict_after",
     "flip_verified",
     "fm_test_auc",
     "fm_additive_test_auc",
@@ -65,6 +68,7 @@ SEARCH_COLUMNS = [
     "fm_interaction_gain",
     "fm_interactions_significant",
     "n_dormant",
+    "random_flip_rate",
     "harmless_kl",
 ]
 DORMANT_COLUMNS = [
@@ -77,6 +81,9 @@ DORMANT_COLUMNS = [
     "score_without",
     "score_with",
     "effect",
+    "null_percentile",
+    "setting",
+    "verdict_with",
     "neuronpedia",
 ]
 # The FM's test numbers: `fm/<key>` per prompt, and `fm_<key>` columns of search/prompts.
@@ -86,6 +93,11 @@ SUMMARY_KEYS = [
     "n_refused",
     "n_flipped_verified",
     "flip_rate",
+    "n_jailbroken",
+    "jailbreak_rate",
+    "n_unresolved",
+    "one_minimal_rate",
+    "judge_agreement",
     "all_minimal_verified",
     "n_dormant",
     "evals_per_s",
@@ -95,6 +107,12 @@ SUMMARY_KEYS = [
     "median_interaction_gain",
     "n_interactions_significant",
     "harmless_kl",
+    "random_flip_rate",
+    "random_jailbreak_rate",
+    "transfer_rate",
+    "shared_set_size",
+    "shared_set_jailbreak_rate",
+    "direction_jailbreak_rate",
 ]
 
 
@@ -335,23 +353,29 @@ class Tracker:
             " ".join(str(f) for f in minimal),
             " ".join(self.url(f) for f in minimal).strip(),
             len(minimal) if minimal else None,
-            greedy.one_minimal,
+            greedy.one_minimal_by_score,
+            result.one_minimal,
             greedy.score,
             result.evals,
             result.seconds,
             result.baseline.reply,
             verification.reply_after if verification is not None else "",
+            str(result.baseline.verdict),
+            str(verification.verdict_after) if verification is not None else "",
             result.flip_verified,
             *(getattr(readout, key) if readout else None for key in FM_METRICS),
             readout.interactions_significant if readout else None,
             len(result.dormant_features),
+            result.random_control.flip_rate if result.random_control else None,
             result.harmless_kl,
         ]
 
     def _dormant_row(self, prompt_id: int, d: DormantFeature) -> list:
         f = d.feature
-        values = [d.before, d.after, d.score_without, d.score_with, d.effect]
-        return [prompt_id, str(f), f.layer, f.latent, *values, self.url(f)]
+        values = [d.before, d.after, d.score_without, d.score_with, d.effect, d.null_percentile]
+        setting = " ".join(str(g) for g in d.setting)
+        verdict = str(d.verdict_with) if d.verdict_with else ""
+        return [prompt_id, str(f), f.layer, f.latent, *values, setting, verdict, self.url(f)]
 
     @_guarded
     def summary(self, summary: Summary) -> None:

@@ -1,7 +1,8 @@
 """The stages of a search, in the order they run; `stages:` in the config picks which.
 
-baseline and direction run once per run (baseline over every evaluation prompt); the
-others run per refused prompt, each appending one row per prompt to results.jsonl.
+baseline and direction run once per run (baseline over every evaluation prompt), before
+the others, which run per refused prompt, each appending one row per prompt to
+results.jsonl; controls runs once after them all (controls.json).
 A stage reads the rows of the stages it `needs`; leaving one of those out is an error
 at start-up, before anything slow.
 """
@@ -9,15 +10,30 @@ at start-up, before anything slow.
 from __future__ import annotations
 
 from refusal.errors import ConfigError
-from refusal.stages import capability, dormant, greedy, interactions, verification
+from refusal.stages import (
+    capability,
+    dormant,
+    greedy,
+    interactions,
+    random_control,
+    verification,
+)
 from refusal.stages.stage import Stage
 
-RUN_STAGES = {"baseline": (), "direction": ("baseline",)}  # name -> needs
+# name -> needs; baseline and direction run before the per-prompt stages, controls after
+RUN_STAGES = {"baseline": (), "direction": ("baseline",), "controls": ("greedy", "verification")}
 PROMPT_STAGES: dict[str, Stage] = {
     s.name: s
-    for s in (greedy.STAGE, verification.STAGE, interactions.STAGE, dormant.STAGE, capability.STAGE)
+    for s in (
+        greedy.STAGE,
+        verification.STAGE,
+        interactions.STAGE,
+        dormant.STAGE,
+        random_control.STAGE,
+        capability.STAGE,
+    )
 }
-ORDER = [*RUN_STAGES, *PROMPT_STAGES]
+ORDER = ["baseline", "direction", *PROMPT_STAGES, "controls"]
 
 
 def needs(name: str) -> tuple[str, ...]:

@@ -1,0 +1,220 @@
+"""Controls beside the per-prompt findings: transfer of each M to the other prompts, a
+shared feature set fitted on one half of the prompts and judged on the other, ablation
+of the refusal direction itself, and what each edit costs on harmless prompts.
+
+Every score goes through the engine (one batch of masks per target prompt); every
+jailbreak counted is a generated reply the judge calls compliance.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from refusal.context import Context
+from refusal.direction import first_token_kl
+from refusal.engine import PromptProbe
+from refusal.features import Feature
+from refusal.interventions import Edit, EmbedEdit, FeatureEdit, Steer, direction_ablation
+from refusal.judge import Verdict
+from refusal.records import (
+    DirectionControl,
+    EditCost,
+    PromptResult,
+    SharedSet,
+    TransferMatrix,
+)
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """A residual edit as generation and the capability passes take it."""
+
+    edit: Edit | None
+    embed_edit: EmbedEdit | None = None
+    spared: bool = True  # leave special-token positions alone (feature edits)
+
+
+def feature_spec(ctx: Context, features: list[Feature]) -> EditSpec:
+    return EditSpec(ctx.engine.feature_edit(features))
+
+
+def generate(ctx: Context, instructions: list[str], spec: EditSpec, desc: str) -> list[str]:
+    return ctx.forwards.generate(
+        instructions,
+        spec.edit,
+        embed_edit=spec.embed_edit,
+        max_new_tokens=ctx.cfg.judge.max_new_tokens,
+        desc=desc,
+        spare=ctx.engine.spared if spec.spared else None,
+    )
+
+
+def jailbroken(ctx: Context, instructions: list[str], replies: list[str]) -> list[bool]:
+    return [ctx.verdicts(i, [r])[0] == Verdict.COMPLIANCE for i, r in zip(instructions, replies)]
+
+
+def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
+    """First-token KL, the rise in cross-entropy of the model's own clean replies, and the
+    judge's refusal rate, on the capability prompts with the edit applied."""
+    prompts, spare = ctx.capability_prompts, ctx.engine.spared if spec.spared else None
+    logits = ctx.forwards.first_token_logits(prompts, spec.edit, spec.embed_edit, spare)
+    clean_replies = ctx.capability_replies
+    edited = ctx.forwards.reply_logprobs(
+        prompts, clean_replies, edit=spec.edit, embed_edit=spec.embed_edit, spare=spare
+    )
+    clean = ctx.capability_logprobs
+    replies = generate(ctx, prompts, spec, desc)
+    refused = [ctx.verdicts(p, [r])[0] == Verdict.REFUSAL for p, r in zip(prompts, replies)]
+    return EditCost(
+        harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
+        delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
+        harmless_refusal_rate=sum(refused) / len(prompts),
+        n_prompts=len(prompts),
+    )
+
+
+def clean_refusal_rate(ctx: Context) -> float:
+    """The judge's refusal rate on the model's own clean replies to the capability prompts:
+    an edit's harmless refusal rate means something only beside this."""
+    prompts, replies = ctx.capability_prompts, ctx.capability_replies
+    refused = [ctx.verdicts(p, [r])[0] == Verdict.REFUSAL for p, r in zip(prompts, replies)]
+    return sum(refused) / len(prompts)
+
+
+def transfer(
+    ctx: Context, sources: list[PromptResult], targets: list[PromptResult]
+) -> TransferMatrix:
+    """Each source's M ablated on each target prompt: score flips, one engine batch per
+    target; a seeded sample of the off-diagonal flips generated and judged."""
+    features = list(dict.fromkeys(f for s in sources for f in s.minimal))
+    column = {f: i for i, f in enumerate(features)}
+    masks = torch.zeros(len(sources), len(features))
+    for row, s in enumerate(sources):
+        masks[row, [column[f] for f in s.minimal]] = 1
+    flips = []
+    for target in targets:
+        probe = PromptProbe(ctx.engine, ctx.engine.prepare(target.instruction))
+        scores = probe.score(features, masks)
+        flips.append((scores < ctx.flip_threshold).tolist())
+    matrix = [[flips[t][s] for t in range(len(targets))] for s in range(len(sources))]
+    off = [
+        (s, t)
+        for s in range(len(sources))
+        for t in range(len(targets))
+        if matrix[s][t] and sources[s].prompt_id != targets[t].prompt_id
+    ]
+    sample = random.Random(ctx.cfg.seed).sample(
+        off, min(len(off), ctx.cfg.search.controls.transfer.judge_max)
+    )
+    judged = [
+        jailbroken(
+            ctx, [targets[t].instruction], [ctx.reply(targets[t].instruction, sources[s].minimal)]
+        )[0]
+        for s, t in sample
+    ]
+    return TransferMatrix(
+        sources=[s.prompt_id for s in sources],
+        targets=[t.prompt_id for t in targets],
+        flips=matrix,
+        n_judged=len(judged),
+        n_jailbroken_judged=sum(judged),
+    )
+
+
+def cover(
+    probes: list[PromptProbe],
+    units: list[list[Feature]],
+    threshold: float,
+    max_size: int,
+    share: float,
+) -> tuple[list[Feature], list[bool]]:
+    """Greedy set cover by the engine. Units are what may be added: single recurring
+    features and whole minimal sets. Each step adds the unit that flips the most prompts
+    per feature it adds (with the set so far; fewer features on ties); it stops at `share`
+    of the prompts, at max_size features, or when no unit flips one more prompt. Returns
+    the set and which prompts it flips."""
+    chosen: list[Feature] = []
+    covered = [False] * len(probes)
+    while sum(covered) < share * len(probes):
+        trials = [
+            chosen + [f for f in u if f not in chosen]
+            for u in units
+            if any(f not in chosen for f in u)
+        ]
+        trials = [t for t in trials if len(t) <= max_size]
+        if not trials:
+            break
+        features = list(dict.fromkeys(f for t in trials for f in t))
+        masks = torch.tensor([[float(f in t) for f in features] for t in trials])
+        flips = torch.stack([p.score(features, masks) < threshold for p in probes])  # (P, T)
+        gains = [
+            (int(flips[:, k].sum()) - sum(covered)) / (len(t) - len(chosen))
+            for k, t in enumerate(trials)
+        ]
+        best = max(range(len(trials)), key=lambda k: (gains[k], -len(trials[k])))
+        if gains[best] <= 0:
+            break
+        chosen, covered = trials[best], flips[:, best].tolist()
+    return chosen, covered
+
+
+def shared_set(ctx: Context, prompts: list[PromptResult]) -> SharedSet | None:
+    """A feature set fitted on a seeded half of the jailbroken prompts (greedy cover over
+    their recurring features and whole minimal sets) and judged on the other half;
+    its capability cost, and the refusal it induces when its decoder rows are added."""
+    cfg = ctx.cfg.search.controls.shared
+    if len(prompts) < 2:
+        return None
+    order = random.Random(ctx.cfg.seed).sample(prompts, len(prompts))
+    fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+    counts = Counter(f for p in fit for f in p.minimal)
+    units = [[f] for f, n in counts.most_common() if n > 1] + [p.minimal for p in fit]
+    probes = [PromptProbe(ctx.engine, ctx.engine.prepare(p.instruction)) for p in fit]
+    features, covered = cover(probes, units, ctx.flip_threshold, cfg.max_size, cfg.cover)
+    instructions = [p.instruction for p in held]
+    replies = generate(ctx, instructions, feature_spec(ctx, features), "shared set, held out")
+    broken = jailbroken(ctx, instructions, replies)
+    return SharedSet(
+        features=features,
+        fit_prompts=[p.prompt_id for p in fit],
+        held_out=[p.prompt_id for p in held],
+        fit_cover=sum(covered) / len(fit) if covered else 0.0,
+        n_jailbroken_held_out=sum(broken),
+        cost=cost(ctx, feature_spec(ctx, features), "shared set, harmless"),
+        induced_refusal_rate=induced(ctx, features),
+    )
+
+
+def induced(ctx: Context, features: list[Feature]) -> float:
+    """The judge's refusal rate on the capability prompts with the features' decoder rows
+    added (a positive clamp: search.steer.alpha times each row, at every position)."""
+    if not features:
+        return 0.0
+    steer = Steer(alpha=ctx.cfg.search.steer.alpha)
+    masks = torch.ones(1, len(features))
+    spec = EditSpec(FeatureEdit(steer, ctx.engine.saes, features, masks, ctx.lm.dtype))
+    prompts = ctx.capability_prompts
+    replies = generate(ctx, prompts, spec, "shared set added, harmless")
+    return sum(
+        v == Verdict.REFUSAL for p, r in zip(prompts, replies) for v in ctx.verdicts(p, [r])
+    ) / len(prompts)
+
+
+def direction_control(ctx: Context, prompts: list[PromptResult]) -> DirectionControl | None:
+    """The selected refusal direction projected out at every layer and the embeddings
+    (Arditi et al.), on the same refused prompts, judged the same way; and its cost."""
+    if ctx.selection is None or not prompts:
+        return None
+    edit, embed_edit = direction_ablation(ctx.selection.direction)
+    spec = EditSpec(edit, embed_edit, spared=False)
+    instructions = [p.instruction for p in prompts]
+    broken = jailbroken(ctx, instructions, generate(ctx, instructions, spec, "direction ablated"))
+    return DirectionControl(
+        n_prompts=len(prompts),
+        n_jailbroken=sum(broken),
+        cost=cost(ctx, spec, "direction ablated, harmless"),
+    )

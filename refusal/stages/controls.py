@@ -1,0 +1,51 @@
+"""Controls: the run-level stage after every prompt's search (refusal.controls).
+
+Written once to controls.json (a ControlsRecord); a resumed run reads it back.
+"""
+
+from __future__ import annotations
+
+from refusal import controls
+from refusal.context import Context
+from refusal.records import ControlsRecord, EditCost, PromptResult
+
+SAVED = "controls.json"
+
+
+def mean_cost(costs: list[EditCost]) -> EditCost | None:
+    if not costs:
+        return None
+    n = len(costs)
+    return EditCost(
+        harmless_kl=sum(c.harmless_kl for c in costs) / n,
+        delta_ce=sum(c.delta_ce for c in costs) / n,
+        harmless_refusal_rate=sum(c.harmless_refusal_rate for c in costs) / n,
+        n_prompts=costs[0].n_prompts,
+    )
+
+
+def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
+    path = ctx.out.path / SAVED
+    if ctx.cfg.resume and path.exists():
+        return ControlsRecord.model_validate_json(path.read_text())
+    jailbroken = [r for r in results if r.flip_verified]
+    searched = [r for r in results if r.searched]
+    refused = [r for r in results if r.baseline.refused]
+    costs = [
+        controls.cost(ctx, controls.feature_spec(ctx, r.minimal), f"M of prompt {r.prompt_id}")
+        for r in jailbroken
+    ]
+    draws = [r.random_control.first_draw for r in jailbroken if r.random_control]
+    random_costs = [
+        controls.cost(ctx, controls.feature_spec(ctx, d), "a random draw") for d in draws if d
+    ]
+    record = ControlsRecord(
+        clean_harmless_refusal_rate=controls.clean_refusal_rate(ctx),
+        transfer=controls.transfer(ctx, jailbroken, searched) if jailbroken else None,
+        shared=controls.shared_set(ctx, jailbroken),
+        direction=controls.direction_control(ctx, refused),
+        minimal_cost=mean_cost(costs),
+        random_cost=mean_cost(random_costs),
+    )
+    ctx.out.write_json(SAVED, record.to_json())
+    return record
