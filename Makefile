@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install run test lint organism organism-eval bench clean
+.PHONY: install run test lint organism organism-eval bench table clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ organism-eval: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ablation_throughput $(ARGS)
+
+# The headline table (experiments/table): ARGS are Hydra overrides of conf/table.yaml.
+table: $(STAMP)
+	$(BIN)/python -m experiments.table.build $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
