@@ -4,33 +4,14 @@ import json
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from refusal import pipeline
 from refusal.engine import PromptProbe
 from refusal.errors import ConfigError
 from refusal.features import Feature
-from refusal.records import PromptResult, join, parse_row
-from tests.conftest import make_cfg
-
-BASE = [
-    "model=tiny_llama",
-    "judge.flip_margin=0",
-    "sae=random",
-    "layer=tiny",
-    "data.max_eval=3",
-    "logger=none",
-    "judge.markers=[' ']",
-    "search.fm.n_masks=64",
-    "search.fm.patience=5",
-    "trainer.max_epochs=30",
-    "search.candidates.top_k=6",
-    "search.capability.n_prompts=2",
-    "data.n_train=4",
-    "data.n_val=2",
-    # a random model's refusal scores say nothing of harm: its thresholds here would leave
-    # the baseline filter no harmless (or harmful) prompt (tests/test_direction.py)
-    "search.direction.filter_prompts=false",
-]
+from refusal.records import ControlsRecord, PromptResult, join, parse_row
+from tests.conftest import BASE, TINY, make_cfg
 
 
 def results(run_dir) -> list[PromptResult]:
@@ -52,8 +33,11 @@ def threshold(tmp_path_factory) -> float:
 
 
 @pytest.mark.slow
-def test_every_stage_runs_end_to_end(tmp_path, threshold):
-    cfg = make_cfg([*BASE, f"judge.threshold={threshold}"], tmp_path)
+def test_every_stage_runs_end_to_end(tmp_path, flipping):
+    threshold, marker = flipping
+    cfg = make_cfg([*TINY, "logger=none", f"judge.threshold={threshold}"], tmp_path)
+    with open_dict(cfg):
+        cfg.judge.markers = [marker]
     pipeline.run(cfg)
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in (
@@ -61,6 +45,12 @@ def test_every_stage_runs_end_to_end(tmp_path, threshold):
         "n_refused",
         "n_flipped_verified",
         "flip_rate",
+        "n_jailbroken",
+        "jailbreak_rate",
+        "n_unresolved",
+        "one_minimal_rate",
+        "judge_agreement",
+        "median_seconds_per_prompt",
         "minimal_set_sizes",
         "all_minimal_verified",
         "fm_heldout_auc",
@@ -72,16 +62,33 @@ def test_every_stage_runs_end_to_end(tmp_path, threshold):
         "versions",
     ):
         assert key in summary
-    assert summary["n_eval"] == 3
+    assert summary["n_eval"] == 2
     got = results(tmp_path)
-    assert [r.prompt_id for r in got] == [0, 1, 2]
+    assert [r.prompt_id for r in got] == [0, 1]
     searched = [r for r in got if r.flips_all]
     assert searched, "the threshold was chosen so that ablating all candidates flips"
     state = pipeline.setup(cfg)
+    jailbroken = [row for row in searched if row.flip_verified]
+    assert jailbroken, "the marker was chosen so that a flip is judged compliance"
     for row in searched:
-        assert row.greedy and row.interactions and row.capability and row.dormant
-        assert row.stages == ["greedy", "verification", "interactions", "dormant", "capability"]
+        assert row.greedy and row.verification and row.capability
+        if not row.flip_verified:  # unresolved: FM and dormant run on jailbreaks only
+            assert row.stages == ["greedy", "verification", "capability"]
+            assert row.verification.minimality == [] and not row.one_minimal
+    for row in jailbroken:
+        assert row.greedy and row.verification and row.interactions and row.dormant
+        assert row.stages == [
+            "greedy",
+            "verification",
+            "interactions",
+            "dormant",
+            "random_control",
+            "capability",
+        ]
         minimal = row.greedy.minimal
+        checks = row.verification.minimality
+        assert [c.feature for c in checks] == minimal  # each M minus one, generated and judged
+        assert row.one_minimal == all(c.verdict == "refusal" for c in checks)
         probe = PromptProbe(state.engine, state.engine.prepare(row.instruction))
         masks = torch.ones(len(minimal) + 1, len(minimal)) - torch.cat(
             [torch.zeros(1, len(minimal)), torch.eye(len(minimal))]
@@ -94,6 +101,16 @@ def test_every_stage_runs_end_to_end(tmp_path, threshold):
         assert saved["features"] == [str(f) for f in row.interactions.features]
         rescored = probe.score([Feature.parse(f) for f in saved["features"]], saved["masks"])
         assert torch.allclose(rescored, saved["scores"], atol=1e-4)  # the FM's data, as scored
+    checks = ControlsRecord.model_validate_json((tmp_path / "controls.json").read_text())
+    assert checks.transfer is not None and checks.direction is not None
+    assert checks.clean_harmless_refusal_rate is not None
+    assert checks.transfer.sources == [r.prompt_id for r in jailbroken]
+    assert checks.transfer.targets == [r.prompt_id for r in searched]
+    for s, row in zip(checks.transfer.sources, checks.transfer.flips):
+        assert row[checks.transfer.targets.index(s)], "the diagonal is each prompt's own flip"
+    assert summary["transfer_rate"] == checks.transfer.rate
+    assert checks.minimal_cost is not None and checks.minimal_cost.n_prompts == 2
+    assert 0 <= checks.direction.cost.harmless_refusal_rate <= 1
     assert (tmp_path / "direction.pt").exists() and json.loads(
         (tmp_path / "direction.json").read_text()
     )["layer"] >= 0
@@ -117,11 +134,15 @@ def test_a_stage_left_out_is_skipped(tmp_path, threshold):
 
 @pytest.mark.parametrize(
     "stages, missing",
-    [("[baseline,greedy,interactions]", "direction"), ("[baseline,direction,dormant]", "greedy")],
+    [
+        ("[baseline,greedy,interactions]", "'direction'"),
+        ("[baseline,direction,dormant]", "'greedy', 'verification'"),
+        ("[baseline,direction,greedy,interactions]", "'verification'"),
+    ],
 )
 def test_a_stage_without_its_input_stops_at_start_up(tmp_path, stages, missing):
     cfg = make_cfg([*BASE, f"search.stages={stages}"], tmp_path)
-    with pytest.raises(ConfigError, match=f"needs \\['{missing}'\\]"):
+    with pytest.raises(ConfigError, match=f"needs \\[{missing}\\]"):
         pipeline.setup(cfg)
 
 
@@ -132,3 +153,53 @@ def test_an_unknown_stage_or_intervention_is_named(tmp_path):
         pipeline.setup(make_cfg([*BASE, "search.intervention=bogus"], tmp_path))
     with pytest.raises(ConfigError, match="search.candidates.direction=bogus"):
         pipeline.setup(make_cfg([*BASE, "search.candidates.direction=bogus"], tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset, model, scale",
+    [("paper_gemma2", "tiny_gemma2", -3), ("paper_llama31", "tiny_llama", -1)],
+)
+def test_paper_presets_run_end_to_end_on_tiny_shapes(tmp_path, preset, model, scale):
+    """The presets' own settings (clamp, the HarmBench classifier judge, 512-token
+    verification, SAEs at many layers) compose and run; only what needs a GPU or the hub
+    is swapped for its tiny stand-in: model, SAEs, data, trainer, the classifier's weights."""
+    tiny = make_cfg([f"model={model}"]).model
+    paper = make_cfg([f"experiment={preset}"])
+    assert len(paper.layers) >= 10  # dormant features need later SAE layers to wake at
+    cfg = make_cfg(
+        [
+            f"experiment={preset}",
+            f"model={model}",
+            "sae=random",
+            "layer=tiny",
+            "trainer=default",
+            "trainer.max_epochs=5",
+            "logger=none",
+            "data.harmful_train=builtin:harmful/train",
+            "data.harmless_train=builtin:harmless/train",
+            "data.eval=builtin:harmful/eval",
+            "data.max_eval=2",
+            "data.n_train=4",
+            "data.n_val=2",
+            "search.compile=false",
+            "search.batch_size=16",
+            "search.fm.n_masks=32",
+            "search.direction.filter_prompts=false",
+            "judge.threshold=-1000",
+            "judge.markers=[' ']",  # every clean reply of the random model refuses: searched
+            "judge.classifier.id=null",
+            f"+judge.classifier.config={dict(tiny.config)}".replace("'", ""),
+            f"+judge.classifier.tokenizer={dict(tiny.tokenizer)}".replace("'", ""),
+        ],
+        tmp_path,
+    )
+    assert cfg.search.ablation.mode == "scale" and cfg.search.ablation.scale == scale
+    assert cfg.judge.kind == "classifier" and cfg.judge.classifier.format == "harmbench"
+    assert cfg.judge.max_new_tokens == 512
+    with open_dict(cfg):
+        cfg.judge.max_new_tokens = 8  # the preset's 512, shortened for a random model
+    pipeline.run(cfg)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_eval"] == 2 and summary["judge_agreement"] is None  # the classifier judged
+    assert summary["n_refused"] >= 1 and any(r.greedy for r in results(tmp_path))  # searched

@@ -86,7 +86,7 @@ def test_resume_after_sigkill_at_several_points(tmp_path, threshold):  # noqa: F
     kill_points = [
         lambda: lines(run_dir, "baseline") >= 1,  # mid-baseline
         lambda: (run_dir / "direction.json").exists(),  # between direction and search
-        lambda: any((run_dir / "fm").glob("prompt_*/*")),  # mid-FM training
+        lambda: lines(run_dir, "greedy") >= 1,  # mid-search
     ]
     for n, ready in enumerate(kill_points):
         kill_when(launch(run_dir, threshold, *(["resume=true"] if n else [])), ready)

@@ -2,9 +2,10 @@
 
 import torch
 
+from refusal import controls
 from refusal.features import Feature
-from refusal.judge import verdict
-from refusal.stages import dormant, greedy
+from refusal.judge import says_complies
+from refusal.stages import dormant, greedy, random_control
 
 FEATURES = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
 
@@ -35,7 +36,7 @@ def test_greedy_recovers_planted_minimal_set():
     # refusal breaks only when all three planted features are ablated; others nudge slightly
     oracle = Oracle(lambda s: 1.0 - 0.4 * len(s & planted) - 0.01 * len(s - planted))
     result = greedy.minimal_set(oracle, FEATURES, threshold=0.0)
-    assert result.flips_all and result.one_minimal
+    assert result.flips_all and result.one_minimal_by_score
     assert set(result.minimal) == planted
     assert result.score < 0 and result.batches == oracle.calls
     sequential = greedy.sequential_minimal_set(oracle, FEATURES, threshold=0.0)
@@ -59,7 +60,7 @@ def test_greedy_drops_a_whole_block_in_one_coarse_step():
     planted = {features[5], features[60], features[99]}
     oracle = Oracle(lambda s: -1.0 if planted <= s else 1.0)
     result = greedy.minimal_set(oracle, features, threshold=0.0)
-    assert set(result.minimal) == planted and result.one_minimal
+    assert set(result.minimal) == planted and result.one_minimal_by_score
     assert result.evals < 1 + 128 + 30 + 3 + 2  # full, singles, coarse prefixes, last singles
 
 
@@ -70,7 +71,7 @@ def test_greedy_reports_no_flip():
 
 def test_greedy_on_a_prompt_that_is_not_refused_returns_the_empty_set():
     result = greedy.minimal_set(Oracle(lambda s: -1.0), FEATURES, threshold=0.0)
-    assert result.flips_all and result.minimal == [] and result.one_minimal
+    assert result.flips_all and result.minimal == [] and not result.one_minimal_by_score
 
 
 def test_greedy_result_is_one_minimal_under_redundancy():
@@ -84,33 +85,91 @@ def test_greedy_result_is_one_minimal_under_redundancy():
 
 
 def test_dormant_finds_planted_backup_and_nothing_else():
-    m = Feature(1, 3)
-    backup, bystander, always = 7, 9, 5
+    """M = {m1, m2}. With m1 alone ablated (a partial M: the model still refuses) three
+    latents wake at layer 2: a backup that holds refusal, one of the opposite sign and a
+    weak one no stronger than latents already active at matched activation (the null)."""
+    m1, m2 = Feature(1, 3), Feature(1, 4)
+    backup, opposite, weak, bystander = 7, 11, 13, 9
+    null = list(range(20, 40))  # active on the clean prompt: the null's pool
+    drop = {Feature(2, i): 0.05 * k for k, i in enumerate(null)}  # 0 .. 0.95
 
     def latents(ablated):
-        layer2 = torch.zeros(4, 16)
-        layer2[:, always] = 1.0
-        if m in ablated:
-            layer2[2, backup] = 2.0  # wakes up and carries refusal
-            layer2[1, bystander] = 3.0  # wakes up but does nothing
-        return {1: torch.ones(4, 16), 2: layer2}
+        layer2 = torch.zeros(4, 64)
+        layer2[:, null] = 2.0
+        if m1 in ablated:
+            layer2[2, [backup, opposite, weak, bystander]] = torch.tensor([2.0, 2.0, 2.0, 3.0])
+        return {1: torch.ones(4, 64), 2: layer2}
 
     def fn(s):
-        return (
-            2.0
-            - 1.0 * (m in s)
-            - 1.5 * (m in s and Feature(2, backup) in s)
-            - 0.1 * (Feature(2, always) in s)
-        )
+        score = 2.0 - 1.0 * (m1 in s) - 1.0 * (m2 in s) - sum(drop.get(f, 0.0) for f in s)
+        if m1 in s:
+            score += -1.5 * (Feature(2, backup) in s) + 1.5 * (Feature(2, opposite) in s)
+            score -= 0.6 * (Feature(2, weak) in s)
+        return score
 
-    found = dormant.find(
-        Oracle(fn, latents), [m], [1, 2], min_activation=0.5, max_candidates=8, margin=0.5
+    settings = dormant.Settings(
+        min_activation=0.5, max_candidates=8, margin=0.5, null_size=20, null_percentile=95
     )
+    found = dormant.find(Oracle(fn, latents), [m1, m2], [1, 2], settings)
     assert [d.feature for d in found] == [Feature(2, backup)]
-    assert found[0].before == 0 and found[0].after == 2.0 and found[0].effect == -1.5
+    (d,) = found
+    assert d.setting == [m1] and d.before == 0 and d.after == 2.0
+    assert d.score_without == 1.0 and d.effect == -1.5 and d.sign == "lowers"
+    assert d.null_percentile == 100.0 and d.null_size == 20
+    # the weak latent passes the margin but not the null; the opposite one has the wrong sign
+    assert dormant.settings_of([m1, m2]) == [[m2], [m1]]
 
 
-def test_classifier_verdicts():
-    assert verdict(" Yes", "harmbench") and not verdict("No.", "harmbench")
-    assert verdict("\n\nunsafe\nS2", "llamaguard") and not verdict("safe", "llamaguard")
-    assert not verdict("", "harmbench")
+def test_classifier_answers():
+    assert says_complies(" Yes", "harmbench") and not says_complies("No.", "harmbench")
+    assert says_complies("\n\nunsafe\nS2", "llamaguard") and not says_complies("safe", "llamaguard")
+    assert not says_complies("", "harmbench")
+
+
+def test_random_draws_are_shaped_like_m_active_and_never_of_m():
+    minimal = [Feature(1, 0), Feature(1, 1), Feature(2, 5)]
+    clean = {1: torch.zeros(3, 32), 2: torch.zeros(3, 32)}
+    clean[1][1, :10] = 1.0  # latents 0..9 active at layer 1 (0 and 1 are M's)
+    clean[2][0, 3:8] = 2.0  # latents 3..7 active at layer 2 (5 is M's)
+    gen = torch.Generator().manual_seed(0)
+    sets = random_control.draws(clean, minimal, 200, 0.0, gen)
+    assert len(sets) == 200
+    for s in sets:
+        assert not set(s) & set(minimal)
+        assert sorted(f.layer for f in s) == [1, 1, 2] and len(set(s)) == 3
+        assert all(clean[f.layer][:, f.latent].max() > 0 for f in s)
+    # every active latent outside M is drawn at some point: uniform, not a fixed pick
+    assert {f for s in sets for f in s} == {Feature(1, i) for i in range(2, 10)} | {
+        Feature(2, i) for i in (3, 4, 6, 7)
+    }
+    features, masks = random_control.masks_for(sets[:5])
+    for row, s in zip(masks, sets[:5]):
+        assert {f for f, m in zip(features, row) if m} == set(s)
+
+
+def test_random_draws_need_enough_active_latents():
+    clean = {1: torch.zeros(2, 8)}
+    clean[1][0, 0] = 1.0  # only M's own latent is active
+    gen = torch.Generator().manual_seed(0)
+    assert random_control.draws(clean, [Feature(1, 0)], 4, 0.0, gen) == []
+
+
+def test_shared_set_cover_recovers_a_planted_universal_feature():
+    """Six prompts, each with its own M of two features; one feature U flips five of them
+    alone, and the sixth only with its whole M. Greedy cover over single features and
+    whole minimal sets finds U first, then the sixth prompt's M, and nothing else."""
+    universal = Feature(3, 0)
+    own = [[Feature(1, k), Feature(2, k)] for k in range(6)]
+
+    def prompt(k):
+        return Oracle(lambda s: -1.0 if (universal in s and k < 5) or set(own[k]) <= s else 1.0)
+
+    probes = [prompt(k) for k in range(6)]
+    units = [*own, [universal]]  # U last: the cover must find it, not be handed it
+    chosen, covered = controls.cover(probes, units, 0.0, max_size=8, share=1.0)
+    assert chosen == [universal, *own[5]] and all(covered)
+    chosen, covered = controls.cover(probes, units, 0.0, max_size=8, share=0.8)
+    assert chosen == [universal] and sum(covered) == 5
+    # no single feature flips anything: whole minimal sets still cover
+    chosen, covered = controls.cover(probes[5:], own[5:], 0.0, max_size=8, share=1.0)
+    assert chosen == own[5] and covered == [True]

@@ -20,7 +20,6 @@ from wandb.proto import wandb_internal_pb2
 from refusal import pipeline, tracking
 from refusal.direction import Selection
 from refusal.records import (
-    RESULTS,
     BaselineRecord,
     DirectionRecord,
     DirectionScore,
@@ -29,18 +28,10 @@ from refusal.records import (
     join,
     parse_row,
 )
-from refusal.rundir import RunDir
-from tests.conftest import CONF, make_cfg
-from tests.test_pipeline import BASE
+from tests.conftest import CONF, TINY, make_cfg, read_results
 from train import objective
 
 ROOT = CONF.parent
-# Small and fast: two prompts, few generated tokens, W&B on.
-TINY = [
-    *(o for o in BASE if o not in ("logger=none", "data.max_eval=3")),
-    "data.max_eval=2",
-    "judge.max_new_tokens=4",
-]
 NP_ID = "gemma-2-2b/12-gemmascope-res-16k"
 
 
@@ -133,11 +124,6 @@ def table(run: SimpleNamespace, key: str) -> list[dict]:
 
 def wandb_run_dirs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "wandb").glob("offline-run-*"))
-
-
-def read_results(output_dir: Path) -> list[PromptResult]:
-    """A run's results.jsonl, its rows joined per prompt."""
-    return join([parse_row(row) for row in RunDir(output_dir).read(RESULTS)])
 
 
 # --- the tracker, on synthetic results ------------------------------------------------
@@ -407,28 +393,6 @@ def test_objective_is_a_float_a_sweeper_can_rank():
 
 
 # --- the pipeline, in process ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def flipping(tmp_path_factory) -> tuple[float, str]:
-    """A threshold and a refusal marker under which the tiny model refuses a prompt and
-    ablating its minimal set verifiably flips it (its clean reply is the marker)."""
-
-    def probe(*markers: str) -> list[PromptResult]:
-        out = tmp_path_factory.mktemp("probe")
-        cfg = make_cfg([*TINY, "logger=none", "judge.threshold=-1000"], out)
-        with open_dict(cfg):
-            cfg.judge.markers = list(markers) or cfg.judge.markers
-        pipeline.run(cfg)
-        return read_results(out)
-
-    # the first prompt greedy filtering ran on (one with candidates)
-    search = next(r for r in probe() if r.greedy is not None and r.greedy.candidates)
-    marker = search.baseline.reply.strip()
-    # the opening score reads the markers: place the threshold on their scores
-    greedy = next(r.greedy for r in probe(marker) if r.prompt_id == search.prompt_id)
-    assert greedy is not None and greedy.score is not None
-    return (greedy.clean_score + greedy.score) / 2, marker
 
 
 @pytest.mark.slow
