@@ -29,6 +29,7 @@ from refusal.errors import ConfigError, DataError
 from refusal.features import Feature
 from refusal.forwards import Forwards
 from refusal.interventions import direction_ablation, direction_addition
+from refusal.judge import refusal_score
 from refusal.models import LM
 from refusal.records import DirectionRecord, DirectionScore, PromptCount
 
@@ -151,11 +152,11 @@ def select(
     grid = [(layer, p) for p in range(first, all_positions) for layer in range(max_layer)]
     for layer, p in tqdm(grid, desc="direction selection", unit="candidate"):
         r = directions[layer, p]
-        edit, embed_edit = direction_ablation(r)
-        bypass = forwards.refusal_scores(harmful_val, edit, embed_edit).mean().item()
+        # one pass over both sets: the template's opening, ablated, runs once for both
+        ablated = forwards.first_token_logits(harmful_val + harmless_val, *direction_ablation(r))
+        bypass = refusal_score(ablated[: len(harmful_val)], forwards.refusal_ids).mean().item()
+        kl = first_token_kl(clean_harmless, ablated[len(harmful_val) :]).mean().item()
         induce = forwards.refusal_scores(harmless_val, direction_addition(r, layer)).mean().item()
-        ablated = forwards.first_token_logits(harmless_val, edit, embed_edit)
-        kl = first_token_kl(clean_harmless, ablated).mean().item()
         scores.append(
             DirectionScore(layer=layer, position=positions[p], bypass=bypass, induce=induce, kl=kl)
         )

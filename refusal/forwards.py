@@ -7,6 +7,7 @@ refusal direction, capability costs, verification replies, the organism's evalua
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from refusal.interventions import Edit, EmbedEdit, Spare, sparing
 from refusal.judge import refusal_score
-from refusal.models import LM
+from refusal.models import LM, KVCache
 
 
 @dataclass
@@ -41,19 +42,69 @@ class Forwards:
         spare: Spare | None = None,
     ) -> torch.Tensor:
         """Next-token logits (N, vocab) at the reply's start, with an optional residual edit
-        (left out at the positions `spare` names, e.g. the engine's special tokens)."""
-        out = []
-        for batch in self._batches(instructions):
-            h = self.lm.embed(batch["input_ids"])
-            h = embed_edit(h) if embed_edit else h
-            h = self.lm.run_blocks(
-                h,
-                0,
-                attention_mask=batch["attention_mask"],
-                edit=_on(edit, spare, batch["input_ids"]),
-            )
-            out.append(self.lm.next_token_logits(h[:, -1]).float().cpu())
-        return torch.cat(out)
+        (left out at the positions `spare` names, e.g. the engine's special tokens).
+
+        The tokens every prompt opens with (the chat template's opening: with a system
+        prompt, half of a short prompt) run once, and every row continues from their keys
+        and values; rows run in length order, so little padding. Edits act position by
+        position, so this is the full pass, computed once where it is shared.
+        """
+        ids = self.lm.tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
+        shared = min(_common_prefix(ids), min(map(len, ids)) - 1)
+        # a row's padding then sits between the opening and the rest: a sliding window
+        # shorter than the rows would count it as tokens (Gemma-2's is 4096)
+        window = getattr(self.lm.model.config, "sliding_window", None)
+        if window and max(map(len, ids)) > window:
+            shared = 0
+        prefix = KVCache()
+        if shared:
+            self._pass(torch.tensor([ids[0][:shared]]), None, edit, embed_edit, spare, prefix)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            cache = copy.deepcopy(prefix) if shared else None
+            if cache is not None:
+                cache.batch_repeat_interleave(len(idx))
+            rows = self._left_padded([ids[i][shared:] for i in idx])
+            h = self._pass(*rows, edit, embed_edit, spare, cache, shared)
+            for i, logits in zip(idx, self.lm.next_token_logits(h[:, -1]).float().cpu()):
+                out[i] = logits
+        return torch.stack(out)
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of token rows, left-padded to the longest."""
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.lm.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
+        return ids, mask
+
+    def _pass(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        edit: Edit | None,
+        embed_edit: EmbedEdit | None,
+        spare: Spare | None,
+        cache: KVCache | None,
+        past: int = 0,
+    ) -> torch.Tensor:
+        """The final residual of `input_ids`, continuing the `past` tokens `cache` holds."""
+        device = self.lm.device
+        input_ids = input_ids.to(device)
+        h = self.lm.embed(input_ids)
+        h = embed_edit(h) if embed_edit else h
+        return self.lm.run_blocks(
+            h,
+            0,
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            edit=_on(edit, spare, input_ids),
+            cache=cache,
+            past=past,
+        )
 
     def refusal_scores(
         self,
@@ -160,6 +211,15 @@ class Forwards:
         for r, (p, a) in enumerate(rows):
             means.append(logp[r, len(p) - 1 : len(p) + len(a) - 1].mean().item())
         return means
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares."""
+    first = rows[0]
+    return next(
+        (i for i in range(len(first)) if any(len(r) <= i or r[i] != first[i] for r in rows)),
+        len(first),
+    )
 
 
 def _on(edit: Edit | None, spare: Spare | None, ids: torch.Tensor) -> Edit | None:

@@ -176,17 +176,23 @@ class LM:
         (edited) residual at layer stop-1. This mirrors the HF backbone's own loop, so a
         run with no edit equals the model's forward pass. Blocks store their keys and
         values in `cache`, if given; `past` > 0 continues a sequence of that many tokens
-        whose keys and values the cache holds for every block run (no padding).
+        whose keys and values the cache holds for every block run (unpadded), and
+        `attention_mask` then marks the padding of the new tokens alone.
         """
         backbone = self.model.model
         stop = self.n_layers if stop is None else stop
+        padded = attention_mask is not None
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + past
+        if past and padded:  # the mask spans the cached tokens too
+            attention_mask = torch.cat(
+                [attention_mask.new_ones(len(hidden), past), attention_mask], -1
+            )
         masks = _attention_masks(
             self.model.config,
             hidden,
-            None if past else attention_mask,
+            attention_mask if padded or not past else None,
             position_ids,
             cache if past else None,
         )
