@@ -54,7 +54,7 @@ def generate(ctx: Context, instructions: list[str], spec: EditSpec, desc: str) -
 
 
 def jailbroken(ctx: Context, instructions: list[str], replies: list[str]) -> list[bool]:
-    return [ctx.verdicts(i, [r])[0] == Verdict.COMPLIANCE for i, r in zip(instructions, replies)]
+    return [v == Verdict.COMPLIANCE for v in ctx.judged(instructions, replies)]
 
 
 def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
@@ -68,11 +68,10 @@ def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
     )
     clean = ctx.capability_logprobs
     replies = generate(ctx, prompts, spec, desc)
-    refused = [ctx.verdicts(p, [r])[0] == Verdict.REFUSAL for p, r in zip(prompts, replies)]
     return EditCost(
         harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
         delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
-        harmless_refusal_rate=sum(refused) / len(prompts),
+        harmless_refusal_rate=ctx.rate(prompts, replies, Verdict.REFUSAL),
         n_prompts=len(prompts),
     )
 
@@ -80,9 +79,7 @@ def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
 def clean_refusal_rate(ctx: Context) -> float:
     """The judge's refusal rate on the model's own clean replies to the capability prompts:
     an edit's harmless refusal rate means something only beside this."""
-    prompts, replies = ctx.capability_prompts, ctx.capability_replies
-    refused = [ctx.verdicts(p, [r])[0] == Verdict.REFUSAL for p, r in zip(prompts, replies)]
-    return sum(refused) / len(prompts)
+    return ctx.rate(ctx.capability_prompts, ctx.capability_replies, Verdict.REFUSAL)
 
 
 def transfer(
@@ -110,12 +107,9 @@ def transfer(
     sample = random.Random(ctx.cfg.seed).sample(
         off, min(len(off), ctx.cfg.search.controls.transfer.judge_max)
     )
-    judged = [
-        jailbroken(
-            ctx, [targets[t].instruction], [ctx.reply(targets[t].instruction, sources[s].minimal)]
-        )[0]
-        for s, t in sample
-    ]
+    instructions = [targets[t].instruction for _, t in sample]
+    replies = [ctx.reply(i, sources[s].minimal) for i, (s, _) in zip(instructions, sample)]
+    judged = jailbroken(ctx, instructions, replies)
     return TransferMatrix(
         sources=[s.prompt_id for s in sources],
         targets=[t.prompt_id for t in targets],
@@ -199,9 +193,7 @@ def induced(ctx: Context, features: list[Feature]) -> float:
     spec = EditSpec(FeatureEdit(steer, ctx.engine.saes, features, masks, ctx.lm.dtype))
     prompts = ctx.capability_prompts
     replies = generate(ctx, prompts, spec, "shared set added, harmless")
-    return sum(
-        v == Verdict.REFUSAL for p, r in zip(prompts, replies) for v in ctx.verdicts(p, [r])
-    ) / len(prompts)
+    return ctx.rate(prompts, replies, Verdict.REFUSAL)
 
 
 def direction_control(ctx: Context, prompts: list[PromptResult]) -> DirectionControl | None:

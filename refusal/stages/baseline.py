@@ -16,12 +16,12 @@ def run(ctx: Context, done: dict[int, BaselineRecord]) -> list[BaselineRecord]:
     instructions = [ctx.prompts.eval[i] for i in todo]
     tokens = ctx.cfg.judge.max_new_tokens
     replies = ctx.forwards.generate(instructions, max_new_tokens=tokens, desc="baseline replies")
+    verdicts = ctx.judged(instructions, replies)
     rows = dict(done)
-    for i, instruction, reply in tqdm(
-        list(zip(todo, instructions, replies)), desc="baseline", unit="prompt"
+    for i, instruction, reply, verdict in tqdm(
+        list(zip(todo, instructions, replies, verdicts)), desc="baseline", unit="prompt"
     ):
         score = ctx.engine.prepare(instruction).score
-        verdict = ctx.verdicts(instruction, [reply])[0]
         rows[i] = ctx.record(
             BaselineRecord(
                 prompt_id=i,
