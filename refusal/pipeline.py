@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -165,14 +166,15 @@ def search(ctx: Context, result: PromptResult, names: list[str]) -> PromptResult
 
 
 def summarize(
-    ctx: Context, results: list[PromptResult], started: float, checks: ControlsRecord | None
+    ctx: Context, results: list[PromptResult], clock: Clock, checks: ControlsRecord | None
 ) -> Summary:
     return Summary.of(
         results,
         None if ctx.selection is None else ctx.selection.record(),
         checks,
         batch_size=ctx.engine.batch_size,  # as tuned, or halved on out-of-memory
-        wall_seconds=time.time() - started,
+        wall_seconds=time.time() - clock.started,
+        stage_seconds=clock.seconds,
         judge_agreement=judge_agreement(ctx),
         seed=ctx.cfg.seed,
         versions={
@@ -244,12 +246,24 @@ def _gain(fm: InteractionsRecord | None) -> str:
     return f"{fm.interaction_gain:+.2f}" + ("*" if fm.interactions_significant else "")
 
 
+@dataclass
+class Clock:
+    """Wall-clock seconds of each part of a run, read off as each part ends."""
+
+    started: float = field(default_factory=time.time)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def lap(self, part: str) -> None:
+        self.seconds[part] = time.time() - self.started - sum(self.seconds.values())
+
+
 def run(cfg: DictConfig) -> float | None:
     """Run the configured stages; print the per-prompt table; return the optimised metric."""
-    started = time.time()
+    clock = Clock()
     ctx = setup(cfg)
     names = stages.check(list(cfg.search.stages))
     written = ctx.written()
+    clock.lap("setup")
     results = join(
         baseline.run(ctx, {r.prompt_id: r for r in written if isinstance(r, BaselineRecord)})
         + [r for r in written if not isinstance(r, BaselineRecord)]
@@ -257,14 +271,19 @@ def run(cfg: DictConfig) -> float | None:
     ctx.tracker.baseline([r.baseline for r in results])
     refused = [r for r in results if r.baseline.refused]
     per_prompt = [n for n in names if n in stages.PROMPT_STAGES]
+    clock.lap("baseline")
     if not refused:
         console.print("[yellow]no evaluation prompt was refused at baseline: nothing to search.[/]")
     elif "direction" in names:
         ctx.tracker.direction(direction_stage.run(ctx))
+        clock.lap("direction")
         for result in tqdm(refused, desc="search", unit="prompt"):
             ctx.tracker.prompt(search(ctx, result, per_prompt))
+        clock.lap("search")
     checks = controls_stage.run(ctx, results) if refused and "controls" in names else None
-    summary = summarize(ctx, results, started, checks)
+    if checks is not None:
+        clock.lap("controls")
+    summary = summarize(ctx, results, clock, checks)
     ctx.out.write_json("summary.json", summary.to_json())
     ctx.tracker.summary(summary)
     print_table(results)

@@ -465,6 +465,9 @@ class Summary(Model):
     seconds_per_prompt: list[float]
     median_seconds_per_prompt: float | None
     wall_seconds: float
+    # setup, baseline, direction, search (every per-prompt stage), controls: this run's
+    # share of wall_seconds (a resumed run's, for what it redid)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
     seed: int
     versions: dict[str, str] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)

@@ -380,12 +380,16 @@ class Tracker:
     @_guarded
     def summary(self, summary: Summary) -> None:
         """Headline numbers for dashboards, plus per-prompt lists for `refusal.report --wandb`."""
-        values = {k: getattr(summary, k) for k in SUMMARY_KEYS} | {
-            "minimal_set_size_mean": mean_or_none(summary.minimal_set_sizes),
-            "fm_auc_mean": mean_or_none(summary.fm_heldout_auc),
-            "harmless_kl_mean": mean_or_none(summary.harmless_kl),
-            "minimal_sets": {str(k): v for k, v in self.minimal_sets.items()},
-        }
+        values = (
+            {k: getattr(summary, k) for k in SUMMARY_KEYS}
+            | {
+                "minimal_set_size_mean": mean_or_none(summary.minimal_set_sizes),
+                "fm_auc_mean": mean_or_none(summary.fm_heldout_auc),
+                "harmless_kl_mean": mean_or_none(summary.harmless_kl),
+                "minimal_sets": {str(k): v for k, v in self.minimal_sets.items()},
+            }
+            | {f"seconds/{part}": s for part, s in summary.stage_seconds.items()}
+        )
         self.run.summary.update({k: v for k, v in values.items() if v is not None})
 
     def finish(self) -> None:

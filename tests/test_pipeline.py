@@ -63,6 +63,9 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
     ):
         assert key in summary
     assert summary["n_eval"] == 2
+    parts = summary["stage_seconds"]
+    assert list(parts) == ["setup", "baseline", "direction", "search", "controls"]
+    assert 0 < sum(parts.values()) <= summary["wall_seconds"]
     got = results(tmp_path)
     assert [r.prompt_id for r in got] == [0, 1]
     searched = [r for r in got if r.flips_all]
