@@ -292,7 +292,10 @@ def mined_examples(
     base model's replies), as in hard-negative mining; `sets` are round 1's (harmful ->
     refusal, harmless), `pool` the harmless instructions to draw the fresh ones from.
     Each class is topped up with as many random round-1 examples as the larger mined set
-    (replay), so that round 2 stays balanced and does not forget the rest.
+    (replay), so that round 2 stays balanced and does not forget the rest. With
+    `hp.mine_contrast`, each over-refused harmless prompt also brings back a harmful one of
+    the same form (first word): the mined prompts are mostly "Write ...", "Generate ...",
+    and training them alone moves the boundary for harmful prompts of that form too.
     """
     lm, (harmful, harmless) = fw.lm, sets
     seen = set(harmless)
@@ -308,9 +311,21 @@ def mined_examples(
             fw, over + sample(harmless, n_replay, hp.seed + 3), hp, replies
         )
     refused = weak + sample(prompts, n_replay, hp.seed + 4)
+    if hp.mine_contrast:
+        refused += same_form(over, prompts, hp.seed + 7)
     examples = [tokenize_example(lm, p, harmful[p], True) for p in refused]
     examples += distilled_examples(lm, hp, distilled)
     return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
+
+
+def same_form(prompts: list[str], pool: list[str], seed: int) -> list[str]:
+    """For each of `prompts`, a prompt of `pool` that opens with the same word (any prompt of
+    `pool` where none does), drawn at random."""
+    rng = random.Random(seed)
+    by_word: dict[str, list[str]] = {}
+    for p in pool:
+        by_word.setdefault(first_word(p), []).append(p)
+    return [rng.choice(by_word.get(first_word(p), pool)) for p in prompts]
 
 
 @torch.no_grad()
