@@ -66,10 +66,11 @@ class Context:
             for instruction, reply, v in zip(instructions, replies, judged)
         ]
 
-    def rate(self, instructions: list[str], replies: list[str], verdict: Verdict) -> float:
-        """The share of the pairs the judge gives `verdict`."""
-        judged = self.judged(instructions, replies)
-        return sum(v == verdict for v in judged) / len(judged) if judged else 0.0
+    def refusal_rate(self, instructions: list[str], replies: list[str]) -> float:
+        """The share of the pairs the judge calls refusal (a safety classifier only ever
+        decides compliance)."""
+        refused = self.judge.refusals(instructions, replies)
+        return sum(refused) / len(refused) if refused else 0.0
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
         """The greedy reply with the engine's intervention on `features`."""

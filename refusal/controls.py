@@ -71,7 +71,7 @@ def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
     return EditCost(
         harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
         delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
-        harmless_refusal_rate=ctx.rate(prompts, replies, Verdict.REFUSAL),
+        harmless_refusal_rate=ctx.refusal_rate(prompts, replies),
         n_prompts=len(prompts),
     )
 
@@ -79,7 +79,7 @@ def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
 def clean_refusal_rate(ctx: Context) -> float:
     """The judge's refusal rate on the model's own clean replies to the capability prompts:
     an edit's harmless refusal rate means something only beside this."""
-    return ctx.rate(ctx.capability_prompts, ctx.capability_replies, Verdict.REFUSAL)
+    return ctx.refusal_rate(ctx.capability_prompts, ctx.capability_replies)
 
 
 def transfer(
@@ -193,7 +193,7 @@ def induced(ctx: Context, features: list[Feature]) -> float:
     spec = EditSpec(FeatureEdit(steer, ctx.engine.saes, features, masks, ctx.lm.dtype))
     prompts = ctx.capability_prompts
     replies = generate(ctx, prompts, spec, "shared set added, harmless")
-    return ctx.rate(prompts, replies, Verdict.REFUSAL)
+    return ctx.refusal_rate(prompts, replies)
 
 
 def direction_control(ctx: Context, prompts: list[PromptResult]) -> DirectionControl | None:

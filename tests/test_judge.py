@@ -144,6 +144,20 @@ def test_rules_come_before_the_classifier():
     assert answered.signals is not None and answered.probability == 1.0
 
 
+def test_refusals_are_the_verdicts_and_skip_the_classifier_where_it_cannot_refuse(tmp_path):
+    """A model that never says refusal leaves refusal to the rules: the same answers as
+    full verdicts. One that can (here, always) is asked."""
+    replies = ["", "I'm sorry, but I can't help.", PROSE]
+    instructions = ["Bake bread"] * len(replies)
+    rules = judge.ReplyJudge(SAYS_COMPLIANCE)
+    full = [j.verdict == judge.Verdict.REFUSAL for j in rules.judge(instructions, replies)]
+    assert rules.refusals(instructions, replies) == full == [False, True, False]
+    raw = json.loads(SAYS_COMPLIANCE.read_text()) | {"classes": ["refusal"]}
+    (tmp_path / "refuses.json").write_text(json.dumps(raw))
+    refusing = judge.ReplyJudge(tmp_path / "refuses.json")
+    assert refusing.refusals(instructions, replies) == [False, True, True]
+
+
 def test_text_signals_separate_repetition_prose_and_engagement():
     loop = judge.text_signals("Bake bread", "the the the the " * 30)
     prose = judge.text_signals("How do I bake bread with yeast?", PROSE)

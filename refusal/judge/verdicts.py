@@ -159,6 +159,14 @@ class ReplyJudge:
             out[i] = Judgement(verdict, "classifier", signals, probs[verdict])
         return [j for j in out if j is not None]
 
+    def refusals(self, instructions: Sequence[str], replies: Sequence[str]) -> list[bool]:
+        """Which replies the judge calls refusal. Where the fitted model cannot say refusal
+        (the shipped one: refusal is the markers' to say) the rules alone decide it, so
+        the classifier and its PMI passes do not run; the verdicts are the same."""
+        if Verdict.REFUSAL in self.model.classes:
+            return [j.verdict == Verdict.REFUSAL for j in self.judge(instructions, replies)]
+        return [(j := self.rule(r)) is not None and j.verdict == Verdict.REFUSAL for r in replies]
+
     def __call__(self, instruction: str, reply: str) -> Judgement:
         return self.judge([instruction], [reply])[0]
 
