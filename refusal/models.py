@@ -28,6 +28,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from refusal import planted
 from refusal.errors import ConfigError
 from refusal.hub import hub_reachable, require_hub
 
@@ -94,13 +95,7 @@ class LM:
         self.compiled = [torch.compile(block, dynamic=True) for block in self.blocks]
 
     def check_layer(self, layer: int) -> int:
-        if not 0 <= layer < self.n_layers:
-            raise ConfigError(
-                f"layer {layer} is out of range for {self.name}, which has {self.n_layers} "
-                f"blocks: choose layers in 0..{self.n_layers - 1}, "
-                f"e.g. 'layers=[{self.n_layers // 2}]'."
-            )
-        return layer
+        return check_layer(self.name, self.n_layers, layer)
 
     def format(self, instructions: list[str]) -> list[str]:
         """Chat-format each instruction as a single user turn awaiting the assistant's reply."""
@@ -321,6 +316,27 @@ def _random_model(
         return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
 
 
+def check_layer(name: str, n_layers: int, layer: int) -> int:
+    if not 0 <= layer < n_layers:
+        raise ConfigError(
+            f"layer {layer} is out of range for {name}, which has {n_layers} blocks: "
+            f"choose layers in 0..{n_layers - 1}, e.g. 'layers=[{n_layers // 2}]'."
+        )
+    return layer
+
+
+def check_layers(cfg: DictConfig, layers: list[int]) -> None:
+    """Check the layers against the model's block count, read from its config alone
+    (config.json or the GGUF header), before any weights are downloaded or loaded."""
+    if cfg.get("config"):
+        n_layers = int(cfg.config.num_hidden_layers)
+    else:
+        source, kwargs = _pretrained_kwargs(cfg)
+        n_layers = int(AutoConfig.from_pretrained(source, **kwargs).num_hidden_layers)
+    for layer in layers:
+        check_layer(cfg.name, n_layers, int(layer))
+
+
 def load(cfg: DictConfig, seed: int = 0) -> LM:
     """Load the model a `model=` config describes, on its device and dtype, in eval mode."""
     device = resolve_device(cfg.get("device", "auto"))
@@ -328,9 +344,18 @@ def load(cfg: DictConfig, seed: int = 0) -> LM:
     if cfg.get("config"):
         model = _random_model(cfg, seed, device, dtype)
         tokenizer = load_tokenizer(cfg.tokenizer)
+        if cfg.get("plant"):  # a refusal set by hand (the smoke run's model)
+            planted.plant_model(model, tokenizer, cfg.plant)
     else:
         source, kwargs = _pretrained_kwargs(cfg)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, dtype=torch.float32)
+        # straight into the target dtype and device (an 8B model in fp32 on the host would
+        # need 32 GB); an adapter is merged in fp32, then cast
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            **kwargs,
+            dtype=torch.float32 if cfg.get("adapter") else dtype,
+            device_map=device,
+        )
         tokenizer = load_tokenizer(cfg)
     if cfg.get("adapter"):
         model = merge_adapter(model, cfg.adapter)

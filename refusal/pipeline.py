@@ -29,7 +29,6 @@ from refusal.errors import ConfigError
 from refusal.forwards import Forwards
 from refusal.interventions import Intervention
 from refusal.records import (
-    RESULTS,
     BaselineRecord,
     ControlsRecord,
     InteractionsRecord,
@@ -39,6 +38,7 @@ from refusal.records import (
 )
 from refusal.rundir import RunDir
 from refusal.stages import baseline
+from refusal.stages import cards as cards_stage
 from refusal.stages import controls as controls_stage
 from refusal.stages import direction as direction_stage
 
@@ -90,6 +90,19 @@ def intervention(cfg: DictConfig) -> Intervention:
     return built
 
 
+# keys that change how a run is watched, named or stored, not what it finds
+UNSCORED = (
+    *("resume", "logger.", "paths.", "task_name", "tags", "optimized_metric", "overrides"),
+    *("choices.", "search.batch_size", "search.compile", "search.fm.log_curves"),
+    "trainer.enable_progress_bar",
+)
+
+
+def settings(cfg: DictConfig) -> dict:
+    """The run's settings, flat, less the UNSCORED ones: what a resumed run must share."""
+    return {k: v for k, v in tracking.flat_config(cfg).items() if not k.startswith(UNSCORED)}
+
+
 def resuming(cfg: DictConfig) -> bool:
     """resume=true, or a re-launched multirun job whose directory already holds results."""
     if cfg.resume:
@@ -103,6 +116,7 @@ def setup(cfg: DictConfig) -> Context:
     validate(cfg)
     edit = intervention(cfg)
     prompts = data.load(cfg.data)  # cheap checks first: a bad prompt file fails before loading
+    models.check_layers(cfg.model, list(cfg.layers))
     with console.status(f"loading {cfg.model.name} and {len(cfg.layers)} SAE(s)"):
         lm = models.load(cfg.model, seed=cfg.seed)
         sae_by_layer = saes.load(cfg.sae, lm, list(cfg.layers), seed=cfg.seed)
@@ -122,8 +136,7 @@ def setup(cfg: DictConfig) -> Context:
     refusal_ids = judge.refusal_token_ids(lm.tokenizer, list(cfg.judge.refusal_tokens))
     forwards = Forwards(lm, refusal_ids, batch_size)
     out = RunDir(cfg.paths.output_dir)
-    if not resuming(cfg) and out.read(RESULTS):
-        out.path.joinpath(RESULTS).rename(out.path / f"results.{int(time.time())}.jsonl")
+    out.claim(settings(cfg), resume=resuming(cfg))
     return Context(
         cfg,
         lm,
@@ -131,7 +144,7 @@ def setup(cfg: DictConfig) -> Context:
         forwards,
         prompts,
         out,
-        tracking.build(cfg),
+        tracking.build(cfg, sae_width=next(iter(sae_by_layer.values())).cfg.d_sae),
         reply_judge(cfg.judge, markers, forwards),
         load_classifier(cfg.judge),
     )
@@ -283,9 +296,13 @@ def run(cfg: DictConfig) -> float | None:
     checks = controls_stage.run(ctx, results) if refused and "controls" in names else None
     if checks is not None:
         clock.lap("controls")
+    if refused and "cards" in names:
+        cards_stage.run(ctx, results, checks)
+        clock.lap("cards")
     summary = summarize(ctx, results, clock, checks)
     ctx.out.write_json("summary.json", summary.to_json())
     ctx.tracker.summary(summary)
+    ctx.tracker.feature_sets()
     print_table(results)
     console.print(
         f"refused {summary.n_refused}/{summary.n_eval}; "

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from refusal.errors import RefusalError
+from refusal.errors import ConfigError, RefusalError
+
+SETTINGS = "settings.json"
+# what a launch finds already written for it: Hydra's record of this launch and its log,
+# W&B's per-run folders, and the previous runs moved aside
+KEPT = (".hydra", "wandb")
 
 
 def _json_default(value: Any) -> Any:
@@ -31,6 +37,39 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, settings: dict[str, Any], resume: bool) -> None:
+        """Make the directory this run's, so that nothing another config made is read back.
+
+        Resuming, the run that wrote the directory must have had the same `settings` (a
+        flat {key: value} of everything that decides results): a change stops the run and
+        names the keys. Otherwise what earlier runs left (results, direction.pt,
+        controls.json, reports, FM data) moves into previous-<time>/.
+        """
+        path = self.path / SETTINGS
+        if resume and path.exists():
+            if changes := changed(json.loads(path.read_text(encoding="utf-8")), settings):
+                raise ConfigError(
+                    f"resume=true into {self.path}, whose run had other settings:\n  "
+                    + "\n  ".join(changes)
+                    + "\nrerun with the same settings, or without resume=true (the earlier "
+                    "run's files are then moved aside into previous-<time>/)."
+                )
+        elif not resume:
+            self._move_aside()
+        self.write_json(SETTINGS, settings)
+
+    def _move_aside(self) -> None:
+        stale = [
+            p
+            for p in self.path.iterdir()
+            if p.name not in KEPT and p.suffix != ".log" and not p.name.startswith("previous-")
+        ]
+        if stale:
+            aside = self.path / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(exist_ok=True)
+            for p in stale:
+                p.rename(aside / p.name)
 
     def append(self, name: str, record: dict) -> None:
         """Append one JSON line and fsync it, so a killed run loses at most this line."""
@@ -82,6 +121,17 @@ class RunDir:
                 f"cannot write {path}: {e.strerror}. What was written before stays in {self.path}; "
                 "free disk space, then rerun with resume=true on the same directory."
             ) from None
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """ "key: old -> new" for every key whose value differs (absent on one side: <unset>)."""
+    keys = sorted(set(old) | set(new))
+    unset = "<unset>"
+    return [
+        f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}"
+        for k in keys
+        if old.get(k, unset) != new.get(k, unset)
+    ]
 
 
 def _drop_torn_tail(path: Path) -> None:

@@ -151,3 +151,21 @@ def test_direction_stage_records_the_filter_and_the_choice(tmp_path):
         assert (record.prompts[name].kept, record.prompts[name].dropped) == (kept, len(s) - kept)
     assert record.chosen_by in direction.RULES and record.admissible == selection.admissible
     assert direction_stage.run(ctx).record() == record  # a resumed run reads it back
+
+
+def test_a_direction_saved_by_another_run_is_used_as_it_is(tmp_path):
+    overrides = ["model=tiny_llama", "sae=random", "layer=tiny", "logger=none"]
+    sizes = ["data.n_train=4", "data.n_val=4", "search.direction.filter_prompts=false"]
+    first = direction_stage.run(pipeline.setup(make_cfg([*overrides, *sizes], tmp_path / "a")))
+    saved = tmp_path / "a" / direction_stage.SAVED
+    planted = torch.load(saved)
+    planted["direction"] = -planted["direction"]  # not what selection would give
+    torch.save(planted, saved)
+    reuse = [*overrides, *sizes, f"search.direction.load={saved}"]
+    loaded = direction_stage.run(pipeline.setup(make_cfg(reuse, tmp_path / "b")))
+    assert torch.equal(loaded.direction, -first.direction)
+    assert (tmp_path / "b" / direction_stage.SAVED).exists()  # kept for a resume
+    absent = f"search.direction.load={tmp_path / 'none.pt'}"
+    missing = make_cfg([*overrides, absent], tmp_path / "c")
+    with pytest.raises(ConfigError, match="is not a direction.pt file"):
+        direction_stage.run(pipeline.setup(missing))

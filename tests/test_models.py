@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from refusal import models
 from refusal.errors import ConfigError, HubUnavailable
 from refusal.hub import hub_reachable
+from tests.conftest import make_cfg
 
 
 def test_layer_convention_matches_hf_hidden_states(tiny_lm):
@@ -50,6 +51,19 @@ def test_chat_format_is_a_single_user_turn(tiny_llama):
 def test_layer_out_of_range(tiny_llama):
     with pytest.raises(ConfigError, match="layer 9 is out of range.*0..3"):
         tiny_llama.check_layer(9)
+
+
+def test_layers_are_checked_from_the_config_before_the_weights_load(monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the layer check")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", no_weights)
+    organism = make_cfg(["model=smollm2_organism"]).model  # 30 blocks, read from the GGUF
+    models.check_layers(organism, [0, 29])
+    with pytest.raises(ConfigError, match="layer 30 is out of range.*0..29"):
+        models.check_layers(organism, [4, 30])
+    with pytest.raises(ConfigError, match="layer 4 is out of range.*0..3"):
+        models.check_layers(make_cfg(["model=tiny_llama"]).model, [4])
 
 
 def test_gguf_found_inside_installed_package_without_import():

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refusal import data, pipeline
-from refusal.errors import RefusalError
+from refusal.errors import ConfigError, RefusalError
 from refusal.records import join, parse_row
+from refusal.stages import direction as direction_stage
 from tests.conftest import CONF, make_cfg
 from tests.test_pipeline import BASE, threshold  # noqa: F401  (fixture)
 
@@ -187,3 +189,27 @@ def test_fuzzed_overrides_validate_or_fail_clearly(tmp_path_factory, overrides):
         pipeline.setup(cfg)
     except RefusalError as error:
         assert str(error)
+
+
+def direction_ctx(run_dir: Path, model: str, *extra: str):
+    overrides = [f"model={model}", "sae=random", "layer=tiny", "logger=none", *extra]
+    sizes = ["data.n_train=4", "data.n_val=4", "search.direction.filter_prompts=false"]
+    return pipeline.setup(make_cfg([*overrides, *sizes], run_dir))
+
+
+def test_a_new_run_never_reads_a_stale_direction(tmp_path):
+    first = direction_stage.run(direction_ctx(tmp_path, "tiny_llama"))
+    ctx = direction_ctx(tmp_path, "tiny_gemma2")  # same directory, no resume
+    (aside,) = tmp_path.glob("previous-*")
+    assert (aside / direction_stage.SAVED).exists() and (aside / "settings.json").exists()
+    second = direction_stage.run(ctx)
+    assert ctx.directions is not None and ctx.directions.shape[-1] == ctx.lm.d_model
+    assert not torch.equal(first.direction, second.direction)
+
+
+def test_resume_with_other_settings_stops_and_names_them(tmp_path):
+    direction_ctx(tmp_path, "tiny_llama")
+    direction_ctx(tmp_path, "tiny_llama", "resume=true", "search.batch_size=8")  # unscored
+    with pytest.raises(ConfigError, match=r"model\.name: tiny_llama -> tiny_gemma2"):
+        direction_ctx(tmp_path, "tiny_gemma2", "resume=true")
+    assert not list(tmp_path.glob("previous-*")), "a refused resume moved nothing"

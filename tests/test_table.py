@@ -42,7 +42,7 @@ def test_table_builds_from_two_sets_on_a_tiny_model(tmp_path, threshold):  # noq
             "~table.sets.harmbench_test",
             "~table.sets.advbench_heldout",
             "+table.sets.a={path: 'builtin:harmful/eval', n: 2, held_out: false}",
-            "+table.sets.b={path: 'builtin:harmful/val', n: 2, held_out: false}",
+            "+table.sets.b={path: 'builtin:harmful/eval', n: 2, held_out: false}",
             "table.bootstrap=100",
         ],
         tmp_path,
@@ -55,5 +55,7 @@ def test_table_builds_from_two_sets_on_a_tiny_model(tmp_path, threshold):  # noq
     for r in rows:
         assert r["n_prompts"] == 2 and r["baseline_refusal"]["n"] == 2
     # the second run read the first's direction instead of selecting its own
-    first = (tmp_path / "a" / "direction.pt").read_bytes()
-    assert (tmp_path / "b" / "direction.pt").read_bytes() == first
+    settings = json.loads((tmp_path / "b" / "settings.json").read_text())
+    assert settings["search.direction.load"] == str(tmp_path / "a" / "direction.pt")
+    first = (tmp_path / "a" / "direction.json").read_text()
+    assert (tmp_path / "b" / "direction.json").read_text() == first

@@ -8,8 +8,9 @@ controls included) on its first n prompts, in <run dir>/<set>/; the refusal dire
 selected once, by the first set's run, and reused by the others (it depends on the
 model and the train/val prompts only). Rows: the sets; columns: the baseline refusal
 rate, the jailbreak rate of each prompt's own M, of a shared set (fitted on one half of
-the jailbroken prompts, judged on the other), of the refusal direction ablated, of
-random sets shaped like M, each edit's harmless KL, ΔCE and harmless refusal rate, and
+the prompts greedy found an M for, judged on the other), of the refusal direction
+ablated, of random sets shaped like each M (every prompt with an M, jailbroken or not),
+each edit's harmless KL, ΔCE and harmless refusal rate, and
 the refusal the shared set induces on harmless prompts. Rates come with counts and
 Wilson 95 % intervals (the random control: a bootstrap over prompts).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 import hydra
@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import refusal
 from refusal import data, pipeline
+from refusal.document import markdown_table
 from refusal.records import ControlsRecord, EditCost, PromptResult, Summary, join, parse_row
-from refusal.report import markdown
 from refusal.rundir import RunDir
 from refusal.stages.direction import SAVED as DIRECTION
 
@@ -74,13 +74,11 @@ def run_set(cfg: DictConfig, name: str, path: str, n: int, out: Path, direction:
     """One full search run on a prompt set, in out/name; the run's summary, controls and
     results."""
     run_dir = out / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if direction is not None:
-        shutil.copy(direction, run_dir / DIRECTION)  # the direction stage loads it
     job = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "table"])
     with open_dict(job):
         job.data.eval, job.data.max_eval = path, n
         job.paths.output_dir = str(run_dir)
+        job.search.direction.load = None if direction is None else str(direction)
         if "wandb" in (job.get("logger") or {}):
             job.logger.wandb.name = f"table {name}"
     pipeline.run(job)
@@ -190,7 +188,7 @@ def write(rows: list[dict], out: Path) -> Path:
     (out / "table.json").write_text(json.dumps(rows, indent=1))
     figure(rows).savefig(out / "table.png", dpi=120)
     path = out / "table.md"
-    path.write_text(markdown(table) + "\n\n![jailbreak rates](table.png)\n")
+    path.write_text(markdown_table(table) + "\n\n![jailbreak rates](table.png)\n")
     return path
 
 

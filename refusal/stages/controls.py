@@ -26,23 +26,27 @@ def mean_cost(costs: list[EditCost]) -> EditCost | None:
 
 def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
     path = ctx.out.path / SAVED
-    if ctx.cfg.resume and path.exists():
+    if path.exists():  # only a resumed run finds one (RunDir.claim)
         return ControlsRecord.model_validate_json(path.read_text())
-    jailbroken = [r for r in results if r.flip_verified]
+    # every prompt greedy found an M for (its score flips), jailbroken or not: a set that
+    # moves the opening score is what random sets, other prompts and costs are set beside
+    with_m = [r for r in results if r.score_minimal]
     searched = [r for r in results if r.searched]
     refused = [r for r in results if r.baseline.refused]
     costs = [
-        controls.cost(ctx, controls.feature_spec(ctx, r.minimal), f"M of prompt {r.prompt_id}")
-        for r in jailbroken
+        controls.cost(
+            ctx, controls.feature_spec(ctx, r.score_minimal), f"M of prompt {r.prompt_id}"
+        )
+        for r in with_m
     ]
-    draws = [r.random_control.first_draw for r in jailbroken if r.random_control]
+    draws = [r.random_control.first_draw for r in with_m if r.random_control]
     random_costs = [
         controls.cost(ctx, controls.feature_spec(ctx, d), "a random draw") for d in draws if d
     ]
     record = ControlsRecord(
         clean_harmless_refusal_rate=controls.clean_refusal_rate(ctx),
-        transfer=controls.transfer(ctx, jailbroken, searched) if jailbroken else None,
-        shared=controls.shared_set(ctx, jailbroken),
+        transfer=controls.transfer(ctx, with_m, searched) if with_m else None,
+        shared=controls.shared_set(ctx, with_m),
         direction=controls.direction_control(ctx, refused),
         minimal_cost=mean_cost(costs),
         random_cost=mean_cost(random_costs),

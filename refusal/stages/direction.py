@@ -10,13 +10,14 @@ once per run and saved as direction.pt (tensors and the record) and direction.js
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from rich.console import Console
 
 from refusal import direction
 from refusal.context import Context
-from refusal.errors import RefusalError
+from refusal.errors import ConfigError, RefusalError
 from refusal.records import DirectionRecord, PromptCount
 
 console = Console(stderr=True)
@@ -24,13 +25,15 @@ SAVED = "direction.pt"
 SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 
 
-def load(ctx: Context) -> direction.Selection:
-    """The saved directions and selection, into `ctx`."""
-    saved = torch.load(ctx.out.path / SAVED)
+def load(ctx: Context, path: Path) -> direction.Selection:
+    """Saved directions and selection (a direction.pt), into `ctx`."""
+    if not path.is_file():
+        raise ConfigError(f"search.direction.load={path} is not a direction.pt file.")
+    saved = torch.load(path)
     if "record" not in saved:
         raise RefusalError(
-            f"{ctx.out.path / SAVED} was written by an older version of refusal; rerun "
-            "without resume=true, into a new directory."
+            f"{path} was written by an older version of refusal; rerun without "
+            "resume=true, into a new directory."
         )
     ctx.directions = saved["directions"]
     record = DirectionRecord.model_validate(saved["record"])
@@ -61,9 +64,14 @@ def prompt_sets(ctx: Context) -> tuple[dict[str, list[str]], dict[str, PromptCou
 
 
 def run(ctx: Context) -> direction.Selection:
-    if (ctx.out.path / SAVED).exists():
-        return load(ctx)
     cfg = ctx.cfg.search.direction
+    if (ctx.out.path / SAVED).exists():  # only a resumed run finds one (RunDir.claim)
+        return load(ctx, ctx.out.path / SAVED)
+    if cfg.get("load"):  # another run's, on the same model and train/val prompts
+        selection = load(ctx, Path(cfg.load))
+        assert ctx.directions is not None
+        save(ctx, ctx.directions, selection)
+        return selection
     sets, counts = prompt_sets(ctx)
     with console.status("refusal direction: difference of means"):
         directions = direction.mean_diff(
