@@ -87,11 +87,11 @@ def transfer(
 ) -> TransferMatrix:
     """Each source's M ablated on each target prompt: score flips, one engine batch per
     target; a seeded sample of the off-diagonal flips generated and judged."""
-    features = list(dict.fromkeys(f for s in sources for f in s.minimal))
+    features = list(dict.fromkeys(f for s in sources for f in s.score_minimal))
     column = {f: i for i, f in enumerate(features)}
     masks = torch.zeros(len(sources), len(features))
     for row, s in enumerate(sources):
-        masks[row, [column[f] for f in s.minimal]] = 1
+        masks[row, [column[f] for f in s.score_minimal]] = 1
     flips = []
     for target in targets:
         probe = PromptProbe(ctx.engine, ctx.engine.prepare(target.instruction))
@@ -108,7 +108,7 @@ def transfer(
         off, min(len(off), ctx.cfg.search.controls.transfer.judge_max)
     )
     instructions = [targets[t].instruction for _, t in sample]
-    replies = [ctx.reply(i, sources[s].minimal) for i, (s, _) in zip(instructions, sample)]
+    replies = [ctx.reply(i, sources[s].score_minimal) for i, (s, _) in zip(instructions, sample)]
     judged = jailbroken(ctx, instructions, replies)
     return TransferMatrix(
         sources=[s.prompt_id for s in sources],
@@ -157,7 +157,7 @@ def cover(
 
 
 def shared_set(ctx: Context, prompts: list[PromptResult]) -> SharedSet | None:
-    """A feature set fitted on a seeded half of the jailbroken prompts (greedy cover over
+    """A feature set fitted on a seeded half of the prompts with an M (greedy cover over
     their recurring features and whole minimal sets) and judged on the other half;
     its capability cost, and the refusal it induces when its decoder rows are added."""
     cfg = ctx.cfg.search.controls.shared
@@ -165,8 +165,8 @@ def shared_set(ctx: Context, prompts: list[PromptResult]) -> SharedSet | None:
         return None
     order = random.Random(ctx.cfg.seed).sample(prompts, len(prompts))
     fit, held = order[: len(order) // 2], order[len(order) // 2 :]
-    counts = Counter(f for p in fit for f in p.minimal)
-    units = [[f] for f, n in counts.most_common() if n > 1] + [p.minimal for p in fit]
+    counts = Counter(f for p in fit for f in p.score_minimal)
+    units = [[f] for f, n in counts.most_common() if n > 1] + [p.score_minimal for p in fit]
     probes = [PromptProbe(ctx.engine, ctx.engine.prepare(p.instruction)) for p in fit]
     features, covered = cover(probes, units, ctx.flip_threshold, cfg.max_size, cfg.cover)
     instructions = [p.instruction for p in held]

@@ -303,7 +303,7 @@ class ControlsRecord(Model):
     shared: SharedSet | None = None
     direction: DirectionControl | None = None
     minimal_cost: EditCost | None = None  # the per-prompt Ms' costs, averaged
-    random_cost: EditCost | None = None  # each jailbroken prompt's first random draw's, averaged
+    random_cost: EditCost | None = None  # each M's first random draw's, averaged
 
 
 class DirectionScore(Model):
@@ -385,6 +385,13 @@ class PromptResult:
     def minimal(self) -> list[Feature]:
         """M where the flip was verified by generation, else nothing."""
         return self.greedy.minimal if self.flip_verified and self.greedy else []
+
+    @property
+    def score_minimal(self) -> list[Feature]:
+        """M as greedy found it (its ablation flips the opening score), whatever the judge
+        says of the reply: what the controls set beside random sets and carry to other
+        prompts."""
+        return self.greedy.minimal if self.flips_all and self.greedy else []
 
     @property
     def fm_auc(self) -> float | None:
@@ -486,7 +493,7 @@ class Summary(Model):
         flipped = [r for r in searched if r.flip_verified and r.greedy]
         n_refused = sum(r.baseline.refused for r in results)
         verified = [r.verification for r in searched if r.verification]
-        randoms = [r.random_control for r in flipped if r.random_control]
+        randoms = [r.random_control for r in searched if r.random_control]
         transfer = controls.transfer if controls else None
         shared = controls.shared if controls else None
         evals, seconds = sum(r.evals for r in searched), sum(r.seconds for r in searched)

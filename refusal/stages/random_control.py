@@ -17,7 +17,7 @@ from refusal.context import Context, Work
 from refusal.features import Feature
 from refusal.judge import Verdict
 from refusal.records import RandomControlRecord
-from refusal.stages.stage import Stage, jailbroken
+from refusal.stages.stage import Stage, flipped
 
 
 def draws(
@@ -82,4 +82,4 @@ def run(ctx: Context, work: Work) -> RandomControlRecord:
     )
 
 
-STAGE = Stage("random_control", ("greedy", "verification"), run, jailbroken)
+STAGE = Stage("random_control", ("greedy",), run, flipped)
