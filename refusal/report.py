@@ -14,8 +14,8 @@ reads the same summaries from W&B runs instead (those need to be uploaded: `wand
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import math
 import re
 import socket
 import sys
@@ -34,6 +34,9 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from pydantic import BaseModel, BeforeValidator
 
+from refusal import document as doc
+from refusal.cards import SAVED as CARDS
+from refusal.cards import CardsRecord, FeatureCard
 from refusal.errors import RefusalError
 from refusal.features import Feature
 from refusal.records import (
@@ -49,7 +52,7 @@ from refusal.records import (
     mean_or_none,
     parse_row,
 )
-from refusal.rundir import RunDir
+from refusal.rundir import SETTINGS, RunDir
 from refusal.tracking import heatmap_title, interaction_heatmap
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,8 @@ class Job:
     minimal: dict[int, list[Feature]] = field(default_factory=dict)  # of the verified flips
     interactions: dict[int, InteractionsRecord] = field(default_factory=dict)  # FM, per prompt
     controls: ControlsRecord | None = None  # controls.json, where the controls stage ran
+    replies: list[doc.Reply] = field(default_factory=list)  # clean and with M ablated
+    cards: list[FeatureCard] = field(default_factory=list)  # cards.json, where it was written
     label: str = ""  # what sets it apart from the other jobs
 
     def minimal_sets(self) -> dict[int, set[Feature]]:
@@ -118,20 +123,106 @@ def _natural(path: Path) -> list:
 def load_run(path: Path, root: Path) -> Job:
     """A job from its run directory: summary, per-prompt results and Hydra overrides."""
     summary = Summary.model_validate_json((path / "summary.json").read_text(encoding="utf-8"))
-    results = join([parse_row(row) for row in RunDir(path).read(RESULTS)])
-    overrides_file = path / ".hydra" / "overrides.yaml"
     controls_file = path / "controls.json"
+    return job(
+        str(path.relative_to(root)) if path != root else path.name,
+        summary,
+        join([parse_row(row) for row in RunDir(path).read(RESULTS)]),
+        overrides(path),
+        ControlsRecord.model_validate_json(controls_file.read_text())
+        if controls_file.exists()
+        else None,
+        feature_cards(path),
+    )
+
+
+def job(
+    name: str,
+    summary: Summary,
+    results: list[PromptResult],
+    overrides: list[str],
+    controls: ControlsRecord | None,
+    cards: list[FeatureCard],
+) -> Job:
     return Job(
-        name=str(path.relative_to(root)) if path != root else path.name,
+        name=name,
         summary=summary,
         layers=JobConfig.model_validate(summary.config).layers,
-        overrides=yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else [],
+        overrides=overrides,
         prompts=[prompt_row(r) for r in results],
         minimal={r.prompt_id: r.minimal for r in results if r.flip_verified},
         interactions={r.prompt_id: r.interactions for r in results if r.interactions is not None},
-        controls=ControlsRecord.model_validate_json(controls_file.read_text())
-        if controls_file.exists()
-        else None,
+        controls=controls,
+        replies=[reply(r) for r in results if r.verification is not None],
+        cards=cards,
+    )
+
+
+def overrides(path: Path) -> list[str]:
+    file = path / ".hydra" / "overrides.yaml"
+    return yaml.safe_load(file.read_text()) if file.exists() else []
+
+
+def feature_cards(path: Path) -> list[FeatureCard]:
+    file = path / CARDS
+    return CardsRecord.model_validate_json(file.read_text()).cards if file.exists() else []
+
+
+def shard_of(path: Path) -> str | None:
+    """The run's `data.shard` ("i/n"), read from its settings.json; None if unsharded."""
+    file = path / SETTINGS
+    return json.loads(file.read_text()).get("data.shard") if file.exists() else None
+
+
+def studies(runs: list[Path]) -> list[list[Path]]:
+    """The runs grouped by study: the shards of one (the same settings but `data.shard`)
+    together, every other run alone."""
+    groups: dict[str, list[Path]] = {}
+    for path in runs:
+        key = str(path)
+        if shard_of(path) is not None:
+            settings = json.loads((path / SETTINGS).read_text())
+            key = json.dumps({k: v for k, v in settings.items() if k != "data.shard"}, default=str)
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
+
+
+def load_shards(paths: list[Path], root: Path) -> Job:
+    """The shards of one study as one job: their results joined and summarised again
+    (shards_summary.json in root). The run-level controls are each shard's own, over its
+    prompts only, so the merged summary leaves their numbers out."""
+    summaries = [Summary.model_validate_json((p / "summary.json").read_text()) for p in paths]
+    results = join([parse_row(row) for p in paths for row in RunDir(p).read(RESULTS)])
+    first = summaries[0]
+    config = json.loads(json.dumps(first.config))
+    config.get("data", {})["shard"] = None
+    summary = Summary.of(
+        sorted(results, key=lambda r: r.prompt_id),
+        None,
+        batch_size=first.batch_size,
+        wall_seconds=max(s.wall_seconds for s in summaries),
+        seed=first.seed,
+        versions=first.versions,
+        config=config,
+        judge_agreement=first.judge_agreement,
+    ).model_copy(update={"direction": first.direction})
+    (root / "shards_summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+    shards = sorted(str(shard_of(p)) for p in paths)
+    unsharded = [o for o in overrides(paths[0]) if not o.startswith("data.shard=")]
+    cards = [card for p in paths for card in feature_cards(p)]
+    return job(f"shards {', '.join(shards)}", summary, results, unsharded, None, cards)
+
+
+def reply(result: PromptResult) -> doc.Reply:
+    """A searched prompt's clean reply and its reply with M ablated."""
+    assert result.verification is not None and result.greedy is not None
+    return doc.Reply(
+        prompt_id=result.prompt_id,
+        instruction=result.instruction,
+        before=result.baseline.reply,
+        after=result.verification.reply_after,
+        verdict_after=str(result.verification.verdict_after),
+        minimal=_text(result.greedy.minimal),
     )
 
 
@@ -171,7 +262,9 @@ def load_jobs(root: Path) -> list[Job]:
             f"{root} holds no run: no summary.json at or below it. Pass a run directory "
             "(outputs/<task>/runs/<date>) or a sweep directory (outputs/<task>/multiruns/<date>)."
         )
-    return label([load_run(path, root) for path in runs])
+    return label(
+        [load_run(g[0], root) if len(g) == 1 else load_shards(g, root) for g in studies(runs)]
+    )
 
 
 def label(jobs: list[Job]) -> list[Job]:
@@ -303,63 +396,51 @@ FM_NOTE = (
     "rank the flips as well or better, or a test split of one class gave no AUC)."
 )
 OVERLAP_COLUMNS = ["minimal_set_jaccard", "shared_features", "flipped_prompt_jaccard"]
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A pipe table; floats to 3 significant digits, missing values blank."""
-
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, float):
-            return f"{value:.3g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
-    return "\n".join(lines)
+CARDS_NOTE = (
+    "Every feature of a jailbroken prompt's minimal set, of the shared set and of a dormant "
+    "list: the tokens its decoder row promotes and suppresses through the unembedding, its "
+    "activation over the prompt it was found on, and where it fires most in the run's own "
+    "prompt sets and clean replies (special tokens read 0: the SAEs never saw them)."
+)
 
 
 def write(jobs: list[Job], out: Path, source: str) -> Path:
-    """report.md with its CSV tables and PNG plots in out; returns the report's path."""
+    """report.md and report.html with their CSV tables and PNG plots in out; returns the
+    Markdown report's path."""
     out.mkdir(parents=True, exist_ok=True)
     table = jobs_table(jobs)
     table.to_csv(out / "report.csv", index=False)
     metrics_figure(jobs).savefig(out / "report_metrics.png", dpi=120)
-    lines = [
-        f"# refusal report: {source}",
-        "",
-        f"{len(jobs)} run(s). Written from their summaries and per-prompt results.",
-        "",
-        "## Per job" if len(jobs) > 1 else "## Summary",
-        "",
-        markdown(table.drop(columns="path")),  # the CSV keeps it
-        "",
-        "![flip rate, minimal-set sizes, FM AUC, dormant features](report_metrics.png)",
-        "",
+    blocks: list[doc.Block] = [
+        doc.Heading(f"refusal report: {source}", 1),
+        doc.Text(f"{len(jobs)} run(s). Written from their summaries and per-prompt results."),
+        doc.Heading("Per job" if len(jobs) > 1 else "Summary"),
+        doc.Table(table.drop(columns="path")),  # the CSV keeps it
+        doc.Image("report_metrics.png", "flip rate, minimal-set sizes, FM AUC, dormant features"),
     ]
     if len(jobs) > 1:
-        lines += _overlap_section(jobs, out)
+        blocks += _overlap_section(jobs, out)
     prompts = prompts_table(jobs)
     if not prompts.empty:
         prompts.to_csv(out / "report_prompts.csv", index=False)
     if len(jobs) == 1 and not prompts.empty:
-        lines += _run_section(jobs[0], prompts.drop(columns="job"), out)
+        blocks += _run_section(jobs[0], prompts.drop(columns="job"), out)
+    (out / "report.html").write_text(doc.to_html(blocks, out, source), encoding="utf-8")
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text(doc.to_markdown(blocks), encoding="utf-8")
     return path
 
 
-def _overlap_section(jobs: list[Job], out: Path) -> list[str]:
+def _overlap_section(jobs: list[Job], out: Path) -> list[doc.Block]:
     table = overlap(jobs)
     table.to_csv(out / "report_overlap.csv", index=False)
     labels = [job.label for job in jobs]
     overlap_figure(table, labels).savefig(out / "report_overlap.png", dpi=120)
-    lines = ["## How the minimal sets of different jobs overlap", ""]
+    blocks: list[doc.Block] = [doc.Heading("How the minimal sets of different jobs overlap")]
     for column in OVERLAP_COLUMNS:
         matrix = table.pivot(index="job_a", columns="job_b", values=column).loc[labels, labels]
-        lines += [f"**{column.replace('_', ' ')}**", "", markdown(matrix.reset_index()), ""]
-    return [*lines, "![overlap](report_overlap.png)", ""]
+        blocks += [doc.Text(column.replace("_", " ")), doc.Table(matrix.reset_index())]
+    return [*blocks, doc.Image("report_overlap.png", "overlap")]
 
 
 def controls_table(checks: ControlsRecord, summary: Summary) -> pd.DataFrame:
@@ -425,27 +506,33 @@ def transfer_figure(t: TransferMatrix) -> Figure:
     return figure
 
 
-def _controls_section(checks: ControlsRecord, summary: Summary, out: Path) -> list[str]:
-    lines = ["## Controls", "", markdown(controls_table(checks, summary)), ""]
+def _controls_section(checks: ControlsRecord, summary: Summary, out: Path) -> list[doc.Block]:
+    blocks: list[doc.Block] = [doc.Heading("Controls"), doc.Table(controls_table(checks, summary))]
     if checks.transfer and checks.transfer.flips:
         transfer_figure(checks.transfer).savefig(out / "report_transfer.png", dpi=120)
-        lines += ["![transfer](report_transfer.png)", ""]
-    return lines
+        blocks.append(doc.Image("report_transfer.png", "transfer"))
+    return blocks
 
 
-def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[str]:
-    lines = ["## Prompts", "", markdown(prompts), ""]
+def _run_section(job: Job, prompts: pd.DataFrame, out: Path) -> list[doc.Block]:
+    blocks: list[doc.Block] = [doc.Heading("Prompts"), doc.Table(prompts)]
+    if job.replies:
+        blocks += [doc.Heading("Replies before and after"), doc.Replies(job.replies)]
     if job.controls and isinstance(job.summary, Summary):
-        lines += _controls_section(job.controls, job.summary, out)
+        blocks += _controls_section(job.controls, job.summary, out)
     if job.interactions:
-        lines += ["## FM pairwise terms", "", FM_NOTE, ""]
+        blocks += [doc.Heading("FM pairwise terms"), doc.Text(FM_NOTE)]
     for pid, readout in sorted(job.interactions.items()):
         name = f"report_fm_prompt_{pid}.png"
-        labels = [str(f) for f in readout.features]
+        minimal = set(job.minimal.get(pid, []))
+        labels = [f"{f} [M]" if f in minimal else str(f) for f in readout.features]
         figure = interaction_heatmap(readout.interactions, labels, heatmap_title(pid, readout))
         figure.savefig(out / name, dpi=120)
-        lines += [f"![prompt {pid}]({name})", ""]
-    return lines
+        blocks.append(doc.Image(name, f"prompt {pid} (features of M marked [M])"))
+    if job.cards:
+        blocks += [doc.Heading("Feature cards"), doc.Text(CARDS_NOTE)]
+        blocks += [doc.Card(card) for card in job.cards]
+    return blocks
 
 
 def write_quietly(run_dir: Path) -> Path | None:

@@ -2,7 +2,7 @@
 
 baseline and direction run once per run (baseline over every evaluation prompt), before
 the others, which run per refused prompt, each appending one row per prompt to
-results.jsonl; controls runs once after them all (controls.json).
+results.jsonl; controls runs once after them all (controls.json), then cards (cards.json).
 A stage reads the rows of the stages it `needs`; leaving one of those out is an error
 at start-up, before anything slow.
 """
@@ -20,8 +20,14 @@ from refusal.stages import (
 )
 from refusal.stages.stage import Stage
 
-# name -> needs; baseline and direction run before the per-prompt stages, controls after
-RUN_STAGES = {"baseline": (), "direction": ("baseline",), "controls": ("greedy", "verification")}
+# name -> needs; baseline and direction run before the per-prompt stages, controls and
+# cards after
+RUN_STAGES = {
+    "baseline": (),
+    "direction": ("baseline",),
+    "controls": ("greedy", "verification"),
+    "cards": ("greedy", "verification"),
+}
 PROMPT_STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -33,7 +39,7 @@ PROMPT_STAGES: dict[str, Stage] = {
         capability.STAGE,
     )
 }
-ORDER = ["baseline", "direction", *PROMPT_STAGES, "controls"]
+ORDER = ["baseline", "direction", *PROMPT_STAGES, "controls", "cards"]
 
 
 def needs(name: str) -> tuple[str, ...]:
