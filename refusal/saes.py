@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
+from refusal import planted
 from refusal.errors import ConfigError
 from refusal.hub import require_hub
 from refusal.models import LM
@@ -96,6 +97,10 @@ def _load_one(cfg: DictConfig, lm: LM, layer: int, seed: int) -> tuple[SAE, str]
         sae = random_sae(
             lm.d_model, int(cfg.width), layer, seed, cfg.get("architecture", "standard")
         )
+        if cfg.get("plant"):  # a latent that reads the smoke model's planted direction
+            if cfg.plant.seed is None:
+                raise ConfigError("sae=smoke reads model=smoke's planted direction: use both.")
+            planted.plant_sae(sae, cfg.plant)
         return sae.to(device), f"random (width {cfg.width}) at layer {layer}"
     if cfg.kind == "local":
         path = Path(str(cfg.path).format(layer=layer)).expanduser()

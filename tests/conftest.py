@@ -20,7 +20,7 @@ from refusal.rundir import RunDir
 CONF = Path(__file__).resolve().parent.parent / "conf"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 # A verdict model that calls every reply the rules leave compliance
-SAYS_COMPLIANCE = Path(__file__).resolve().parent / "data" / "judge_says_compliance.json"
+SAYS_COMPLIANCE = CONF.parent / "refusal" / "judge" / "markers_only.json"
 
 # A whole run on tiny_llama with random SAEs, small enough for tests.
 BASE = [

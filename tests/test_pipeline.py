@@ -1,6 +1,9 @@
 """End to end on tiny_llama with random SAEs: every stage runs and writes its results."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from refusal.engine import PromptProbe
 from refusal.errors import ConfigError
 from refusal.features import Feature
 from refusal.records import ControlsRecord, PromptResult, join, parse_row
-from tests.conftest import BASE, TINY, make_cfg
+from tests.conftest import BASE, CONF, TINY, make_cfg
 
 
 def results(run_dir) -> list[PromptResult]:
@@ -64,19 +67,21 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
         assert key in summary
     assert summary["n_eval"] == 2
     parts = summary["stage_seconds"]
-    assert list(parts) == ["setup", "baseline", "direction", "search", "controls"]
+    assert list(parts) == ["setup", "baseline", "direction", "search", "controls", "cards"]
     assert 0 < sum(parts.values()) <= summary["wall_seconds"]
     got = results(tmp_path)
     assert [r.prompt_id for r in got] == [0, 1]
     searched = [r for r in got if r.flips_all]
     assert searched, "the threshold was chosen so that ablating all candidates flips"
+    with open_dict(cfg):
+        cfg.resume = True  # reopened to inspect: a resume keeps the run's files
     state = pipeline.setup(cfg)
     jailbroken = [row for row in searched if row.flip_verified]
     assert jailbroken, "the marker was chosen so that a flip is judged compliance"
     for row in searched:
         assert row.greedy and row.verification and row.capability
         if not row.flip_verified:  # unresolved: FM and dormant run on jailbreaks only
-            assert row.stages == ["greedy", "verification", "capability"]
+            assert row.stages == ["greedy", "verification", "random_control", "capability"]
             assert row.verification.minimality == [] and not row.one_minimal
     for row in jailbroken:
         assert row.greedy and row.verification and row.interactions and row.dormant
@@ -107,7 +112,7 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
     checks = ControlsRecord.model_validate_json((tmp_path / "controls.json").read_text())
     assert checks.transfer is not None and checks.direction is not None
     assert checks.clean_harmless_refusal_rate is not None
-    assert checks.transfer.sources == [r.prompt_id for r in jailbroken]
+    assert checks.transfer.sources == [r.prompt_id for r in searched]  # every M
     assert checks.transfer.targets == [r.prompt_id for r in searched]
     for s, row in zip(checks.transfer.sources, checks.transfer.flips):
         assert row[checks.transfer.targets.index(s)], "the diagonal is each prompt's own flip"
@@ -206,3 +211,27 @@ def test_paper_presets_run_end_to_end_on_tiny_shapes(tmp_path, preset, model, sc
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_eval"] == 2 and summary["judge_agreement"] is None  # the classifier judged
     assert summary["n_refused"] >= 1 and any(r.greedy for r in results(tmp_path))  # searched
+
+
+@pytest.mark.slow
+def test_the_smoke_run_finds_the_planted_latent_and_writes_everything(tmp_path):
+    """experiment=smoke (the README's first command), as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    out = subprocess.run(
+        [sys.executable, "train.py", "experiment=smoke", f"hydra.run.dir={tmp_path}"],
+        cwd=CONF.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env | {"WANDB_SILENT": "true"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_jailbroken"] >= 1 and summary["fm_heldout_auc"]
+    jailbroken = [r for r in results(tmp_path) if r.flip_verified]
+    planted = make_cfg(["experiment=smoke"]).sae.plant.latent
+    assert all(f.latent == planted for r in jailbroken for f in r.minimal), "ground truth"
+    # a prompt without a trigger word is not refused: the refusal follows the plant
+    assert any(not r.baseline.refused for r in results(tmp_path))
+    assert (tmp_path / "report.html").exists() and (tmp_path / "cards.json").exists()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
