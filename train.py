@@ -16,8 +16,8 @@ from refusal.errors import RefusalError, exit_with
 def objective(value: float | list | None) -> float:
     """The optimised summary metric as a float a sweeper can rank: a per-prompt list
     counts by its mean, and a metric nothing was measured for (no prompt refused, no
-    flip) counts as 0.0, the worst value of the metrics the presets maximise (flip rate,
-    AUC), instead of failing the sweep as None or NaN would."""
+    flip) counts as 0.0, the worst value of the metrics a sweep maximises (jailbreak rate,
+    flip rate, AUC), instead of failing the sweep as None or NaN would."""
     if isinstance(value, list):
         value = [v for v in value if v is not None]
         value = sum(value) / len(value) if value else None

@@ -17,6 +17,10 @@ a gain needs flips that no weighted sum of the ablated features ranks.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +36,14 @@ from refusal.features import Feature
 from refusal.records import FMReadout, MainEffect, Pair
 
 LEVEL = 0.95  # of the gain's two-sided percentile bootstrap interval
+# Lightning's per-Trainer notices (GPU/TPU available, tips): every prompt fits two models
+CHATTY = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+# and its warnings that say nothing here: the FM's checkpoint directory holds its additive
+# baseline's by design; a deprecation inside Lightning's own pytree helper
+EXPECTED = (
+    r"Checkpoint directory .* exists and is not empty",
+    r".*isinstance\(treespec, LeafSpec\)",
+)
 TRIES = 20  # rounds of drawing replacements for repeated masks before settling for fewer
 
 
@@ -242,16 +254,35 @@ def train(
             model.w0.copy_(start.w0)
             model.w.copy_(start.w)
     checkpoint = ModelCheckpoint(dirpath=out_dir, filename="fm", monitor="val_loss", save_top_k=1)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        trainer_cfg,
-        callbacks=[EarlyStopping("val_loss", patience=cfg.patience), checkpoint],
-        logger=logger,
-        default_root_dir=str(out_dir),
-    )
-    trainer.fit(model, datamodule=data)
+    with quiet(CHATTY, EXPECTED):  # the notices come from the Trainer's constructor and fit
+        trainer: L.Trainer = hydra.utils.instantiate(
+            trainer_cfg,
+            callbacks=[EarlyStopping("val_loss", patience=cfg.patience), checkpoint],
+            logger=logger,
+            default_root_dir=str(out_dir),
+        )
+        trainer.fit(model, datamodule=data)
     if checkpoint.best_model_path:
         model = FactorizationMachine.load_from_checkpoint(checkpoint.best_model_path)
     return Fitted(model, checkpoint.best_model_path or None, trainer.current_epoch)
+
+
+@contextmanager
+def quiet(names: tuple[str, ...], expected: tuple[str, ...] = ()) -> Iterator[None]:
+    """The named loggers at WARNING for the block (their notices off, warnings kept), and
+    the `expected` warnings (message regexes) ignored."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in expected:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def auc(scores: torch.Tensor, flips: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

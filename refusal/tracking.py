@@ -88,6 +88,20 @@ DORMANT_COLUMNS = [
 ]
 # The FM's test numbers: `fm/<key>` per prompt, and `fm_<key>` columns of search/prompts.
 FM_METRICS = ["test_auc", "additive_test_auc", "all_of_m_auc", "interaction_gain"]
+# Per-prompt scalars, plotted against `prompt_idx` (the prompt's id), not the FM's steps.
+STEP = "prompt_idx"
+PROMPT_METRICS = [
+    *(f"fm/{key}" for key in FM_METRICS),
+    "prompt/minimal_set_size",
+    "prompt/jailbroken",
+    "prompt/score_after",
+    "prompt/n_dormant",
+    "prompt/random_flip_rate",
+    "prompt/harmless_kl",
+    "prompt/seconds",
+]
+# Files of the run directory that make up its `feature_sets` artifact, where present.
+FEATURE_SET_FILES = ["summary.json", "results.jsonl", "direction.json", "controls.json"]
 SUMMARY_KEYS = [
     "n_eval",
     "n_refused",
@@ -176,13 +190,14 @@ def _hydra():
 
 
 def run_identity(cfg: DictConfig, wandb_cfg: DictConfig) -> dict[str, Any]:
-    """W&B tags (the configured ones plus model, SAE and layers) and, unless configured,
+    """W&B tags (the run's `tags`, the logger's, plus model, SAE and layers) and, unless configured,
     name and group: a multirun's jobs share a group (task/<sweep dir>) and are named by
     their overrides."""
     hc = _hydra()
     sae = (hc.runtime.choices.get("sae") if hc else None) or cfg.sae.get("release") or cfg.sae.kind
     derived = [f"model={cfg.model.name}", f"sae={sae}", *(f"layer={i}" for i in cfg.layers)]
-    identity: dict[str, Any] = {"tags": [*(wandb_cfg.get("tags") or []), *derived]}
+    configured = [*(cfg.get("tags") or []), *(wandb_cfg.get("tags") or [])]
+    identity: dict[str, Any] = {"tags": list(dict.fromkeys([*configured, *derived]))}
     if hc is not None and hc.mode == RunMode.MULTIRUN:
         sweep = Path(hc.runtime.output_dir).parent.name
         identity["group"] = wandb_cfg.get("group") or f"{cfg.task_name}/{sweep}"
@@ -238,12 +253,25 @@ class Tracker:
         run: Any = None,
         fm_logger_cfgs: list[DictConfig] | None = None,
         neuronpedia_ids: dict[int, str | None] | None = None,
+        out_dir: Path | None = None,
+        fm_curves: bool = False,
+        log_model: bool = False,
     ):
         self.run = run
         self.fm_logger_cfgs = fm_logger_cfgs or []
         self.neuronpedia_ids = neuronpedia_ids or {}
+        self.out_dir = out_dir  # the run directory, whose files the artifacts hold
+        self.fm_curves = fm_curves  # each prompt's FM training curves (fm/prompt_<id>/...)
+        self.log_model = log_model  # each FM's checkpoint as a W&B model artifact
         self.minimal_sets: dict[int, list[str]] = {}  # verified flips' M, for the summary
         self.tables: dict[str, wandb.Table] = {}
+        self._define_steps()
+
+    @_guarded
+    def _define_steps(self) -> None:
+        self.run.define_metric(STEP)
+        for key in PROMPT_METRICS:  # exact names: they win over Lightning's "*" glob
+            self.run.define_metric(key, step_metric=STEP)
 
     def url(self, feature: Feature) -> str:
         return neuronpedia_url(self.neuronpedia_ids.get(feature.layer), feature)
@@ -255,7 +283,7 @@ class Tracker:
             hydra.utils.instantiate(c, version=f"fm_prompt_{prompt_id}")
             for c in self.fm_logger_cfgs
         ]
-        if self.run is not None:
+        if self.run is not None and self.fm_curves:
             loggers.append(FMLogger(experiment=self.run, prefix=f"fm/prompt_{prompt_id}"))
         return loggers
 
@@ -337,9 +365,29 @@ class Tracker:
             title = heatmap_title(pid, readout)
             figure = interaction_heatmap(readout.interactions, labels, title)
             payload["fm/interactions"] = wandb.Image(figure, caption=title)
-            metrics = {key: getattr(readout, key) for key in FM_METRICS}
-            payload |= {f"fm/{key}": v for key, v in metrics.items() if v is not None}
-        self.run.log(payload)
+            payload |= self._grow(
+                "fm/main_effects",
+                ["prompt_id", "feature", "layer", "latent", "w", "in_minimal", "neuronpedia"],
+                [
+                    [pid, str(e.feature), e.feature.layer, e.feature.latent, e.w]
+                    + [e.feature in greedy.minimal, self.url(e.feature)]
+                    for e in readout.main_effects
+                ],
+            )
+            self._log_fm_checkpoint(pid)
+        scalars = {STEP: pid} | prompt_scalars(result, greedy)
+        self.run.log(payload | {k: v for k, v in scalars.items() if v is not None})
+
+    def _log_fm_checkpoint(self, prompt_id: int) -> None:
+        """The prompt's FM checkpoint and masks as a `model` artifact (logger.wandb.log_model)."""
+        folder = self.out_dir / "fm" / f"prompt_{prompt_id}" if self.out_dir else None
+        if not self.log_model or folder is None or not (folder / "fm.ckpt").exists():
+            return
+        artifact = wandb.Artifact(f"fm-{self.run.id}-prompt-{prompt_id}", type="model")
+        for name in ("fm.ckpt", "masks.pt"):
+            if (folder / name).exists():
+                artifact.add_file(str(folder / name))
+        self.run.log_artifact(artifact, aliases=["latest", f"prompt_{prompt_id}"])
 
     def _search_row(self, result: PromptResult, greedy: GreedyRecord) -> list:
         # greedy keeps a set only where ablating every candidate flipped the prompt
@@ -369,6 +417,23 @@ class Tracker:
             result.random_control.flip_rate if result.random_control else None,
             result.harmless_kl,
         ]
+
+    @_guarded
+    def feature_sets(self) -> None:
+        """The run's findings as one `feature_sets` artifact: summary, results, direction,
+        controls, and a table of the jailbroken prompts' minimal sets with their links."""
+        artifact = wandb.Artifact(f"feature_sets-{self.run.id}", type="feature_sets")
+        for name in FEATURE_SET_FILES:
+            path = self.out_dir / name if self.out_dir else None
+            if path is not None and path.exists():
+                artifact.add_file(str(path))
+        rows = [
+            [pid, feature, self.url(Feature.parse(feature))]
+            for pid, features in self.minimal_sets.items()
+            for feature in features
+        ]
+        artifact.add(wandb.Table(["prompt_id", "feature", "neuronpedia"], rows), "minimal_sets")
+        self.run.log_artifact(artifact, aliases=["latest"])
 
     def _dormant_row(self, prompt_id: int, d: DormantFeature) -> list:
         f = d.feature
@@ -411,29 +476,68 @@ class Tracker:
         console.print(message, soft_wrap=True, markup=False)  # paths stay whole, to copy
 
 
-def build(cfg: DictConfig) -> Tracker:
+def prompt_scalars(result: PromptResult, greedy: GreedyRecord) -> dict[str, Any]:
+    """A searched prompt's scalars (PROMPT_METRICS), None where not measured."""
+    readout, control = result.interactions, result.random_control
+    return {
+        **{f"fm/{key}": getattr(readout, key) if readout else None for key in FM_METRICS},
+        "prompt/minimal_set_size": len(greedy.minimal) if greedy.minimal else None,
+        "prompt/jailbroken": int(result.flip_verified),
+        "prompt/score_after": greedy.score,
+        "prompt/n_dormant": len(result.dormant_features),
+        "prompt/random_flip_rate": control.flip_rate if control else None,
+        "prompt/harmless_kl": result.harmless_kl,
+        "prompt/seconds": result.seconds,
+    }
+
+
+def sweep_keys(cfg: DictConfig, sae_width: int | None) -> dict[str, Any]:
+    """Scalar config keys a sweep's runs are grouped and compared by in W&B panels."""
+    layers = [int(layer) for layer in cfg.layers]
+    return {
+        "layers_str": "-".join(map(str, layers)),
+        "layer": layers[0] if len(layers) == 1 else None,
+        "n_layers": len(layers),
+        "sae_width": sae_width,
+        "intervention": str(cfg.search.intervention),
+    }
+
+
+def build(cfg: DictConfig, sae_width: int | None = None) -> Tracker:
     """The tracker conf/logger/ asks for: a W&B run (its files under the run directory),
-    other Lightning loggers for the FM, or nothing (logger=none)."""
+    other Lightning loggers for the FM, or nothing (logger=none).
+
+    `logger.wandb.log_model` is the tracker's to honour (FM checkpoints as model artifacts,
+    offline too): Lightning's own would refuse an offline run.
+    """
     logger_cfgs = [c for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     wandb_cfg = next((c for c in logger_cfgs if _is_wandb(c)), None)
     others = [c for c in logger_cfgs if c is not wandb_cfg]
     if wandb_cfg is None:
         return Tracker(fm_logger_cfgs=others)
     try:
-        logger = hydra.utils.instantiate(wandb_cfg, **run_identity(cfg, wandb_cfg))
-        logger.log_hyperparams(flat_config(cfg))  # starts the run, its config first
+        identity = run_identity(cfg, wandb_cfg)
+        logger = hydra.utils.instantiate(wandb_cfg, **identity, log_model=False)
+        logger.log_hyperparams(flat_config(cfg) | sweep_keys(cfg, sae_width))  # starts the run
         run = logger.experiment
     except Exception as error:
         _warn("start", error)
         return Tracker(fm_logger_cfgs=others)
-    return Tracker(run, others, _neuronpedia_ids(cfg))
+    return Tracker(
+        run,
+        others,
+        neuronpedia_ids(cfg),
+        out_dir=Path(cfg.paths.output_dir),
+        fm_curves=bool(cfg.search.fm.get("log_curves", False)),
+        log_model=bool(wandb_cfg.get("log_model", False)),
+    )
 
 
 def _is_wandb(logger_cfg: DictConfig) -> bool:
     return issubclass(hydra.utils.get_class(logger_cfg._target_), WandbLogger)
 
 
-def _neuronpedia_ids(cfg: DictConfig) -> dict[int, str | None]:
+def neuronpedia_ids(cfg: DictConfig) -> dict[int, str | None]:
     try:
         return {int(layer): saes.neuronpedia_id(cfg.sae, int(layer)) for layer in cfg.layers}
     except Exception as error:  # links are a convenience: an unknown release only loses them

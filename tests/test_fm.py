@@ -174,3 +174,15 @@ def test_auc_counts_ties_a_half_and_weights_resample():
     assert fm.auc(scores, flips, torch.tensor([[0.0, 1, 0, 0, 1, 0]])).isnan()  # no flip drawn
     counts = fm.bootstrap_counts(6, 50, seed=0)
     assert counts.shape == (50, 6) and (counts.sum(1) == 6).all() and counts.std() > 0
+
+
+def test_fits_are_quiet_but_keep_warnings(tmp_path, caplog):
+    caplog.set_level("INFO")
+    fm.L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert any("GPU available" in r.getMessage() for r in caplog.records)  # Lightning's notice
+    caplog.clear()
+    level = fm.logging.getLogger(fm.CHATTY[0]).level
+    masks = fm.sample_masks(400, 2, 8, 0.3, seed=0)
+    fit(masks, planted_pair(masks), tmp_path)
+    assert not any("available" in r.getMessage() for r in caplog.records)
+    assert fm.logging.getLogger(fm.CHATTY[0]).level == level  # restored after the fit

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
 import wandb
@@ -17,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from wandb.proto import wandb_internal_pb2
 
-from refusal import pipeline, tracking
+from refusal import pipeline, report, tracking
 from refusal.direction import Selection
 from refusal.records import (
     BaselineRecord,
@@ -87,12 +88,15 @@ def _nest(flat: dict) -> dict:
 
 
 def read_wandb_run(run_dir: Path) -> SimpleNamespace:
-    """Everything an offline run logged: identity, config, history rows, summary, exit."""
+    """Everything an offline run logged: identity, config, history rows, summary, metric
+    axes, artifacts (name -> type), exit."""
     # run.finish() only informs the W&B service, which closes the run file later; its
     # teardown waits for every stream to be written out.
     wandb.teardown()
     (run_file,) = run_dir.glob("run-*.wandb")
-    run = SimpleNamespace(dir=run_dir, config={}, history=[], summary={}, exit_code=None)
+    run = SimpleNamespace(
+        dir=run_dir, config={}, history=[], summary={}, exit_code=None, steps={}, artifacts={}
+    )
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -106,6 +110,10 @@ def read_wandb_run(run_dir: Path) -> SimpleNamespace:
             )
         elif kind == "summary":
             run.summary |= {_key(u): json.loads(u.value_json) for u in record.summary.update}
+        elif kind == "metric":  # define_metric: a key (or glob) and its x-axis
+            run.steps[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+        elif kind == "artifact":
+            run.artifacts[record.artifact.name] = record.artifact.type
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     run.summary = _nest(run.summary)
@@ -244,7 +252,8 @@ def synthetic_results() -> tuple[list[BaselineRecord], Selection, list[PromptRes
 
 
 def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
-    cfg = make_cfg(["model=tiny_llama", "sae=gemma_scope_res_16k", "layers=[12]"], tmp_path)
+    overrides = ["model=tiny_llama", "sae=gemma_scope_res_16k", "layers=[12]", "tags=[pilot]"]
+    cfg = make_cfg(overrides, tmp_path)
     tracker = tracking.build(cfg)
     assert tracker.run is not None and tracker.run.offline
     baseline, selection, searched, summary = synthetic_results()
@@ -258,7 +267,7 @@ def test_every_stage_is_read_back_from_the_offline_run(tmp_path):
     (run_dir,) = wandb_run_dirs(tmp_path)  # inside the job's output directory
     run = read_wandb_run(run_dir)
     assert run.exit_code == 0
-    assert {"model=tiny_llama", "sae=gemma_scope_res_16k", "layer=12"} <= set(run.tags)
+    assert {"pilot", "model=tiny_llama", "sae=gemma_scope_res_16k", "layer=12"} <= set(run.tags)
     assert run.group == ""  # a single run belongs to no sweep
     assert run.config["search.fm.rank"] == 4 and run.config["layers"] == [12]
     assert run.config["choices.sae"] == "gemma_scope_res_16k"
@@ -331,17 +340,19 @@ class BrokenRun:
         raise RuntimeError(f"W&B is down ({name})")
 
 
-def test_a_wandb_failure_is_a_warning_not_a_crash(caplog):
-    tracker = tracking.Tracker(BrokenRun())
+def test_a_wandb_failure_is_a_warning_not_a_crash(caplog, tmp_path):
+    tracker = tracking.Tracker(BrokenRun(), out_dir=tmp_path, fm_curves=True)
     baseline, selection, searched, summary = synthetic_results()
     tracker.baseline(baseline)
     tracker.direction(selection)
     tracker.prompt(searched[0])
     tracker.summary(summary)
+    tracker.feature_sets()
     tracker.fm_loggers(0)[0].log_metrics({"val_loss": 1.0}, step=0)
     tracker.finish()
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    for stage in ("baseline", "direction", "prompt", "summary", "FM metrics", "finish"):
+    stages = ("_define_steps", "baseline", "direction", "prompt", "summary", "feature_sets")
+    for stage in (*stages, "FM metrics", "finish"):
         assert any(f"W&B {stage} failed" in m and "run directory" in m for m in warned), stage
 
 
@@ -364,6 +375,7 @@ def test_pairs_that_do_not_beat_the_additive_model_are_not_logged_as_interaction
     (payload,) = run.logged
     assert "fm/top_pairs" not in payload and "fm/interactions" in payload
     assert payload["fm/interaction_gain"] == 0.05
+    assert payload["prompt_idx"] == searched.prompt_id and payload["prompt/jailbroken"] == 1
 
 
 def test_a_wandb_that_cannot_start_leaves_a_working_run(tmp_path, monkeypatch, caplog):
@@ -398,7 +410,8 @@ def test_objective_is_a_float_a_sweeper_can_rank():
 @pytest.mark.slow
 def test_pipeline_logs_every_stage_to_wandb(tmp_path, flipping):
     threshold, marker = flipping
-    cfg = make_cfg([*TINY, f"judge.threshold={threshold}"], tmp_path)
+    overrides = [*TINY, f"judge.threshold={threshold}", "search.fm.log_curves=true"]
+    cfg = make_cfg([*overrides, "logger.wandb.log_model=true"], tmp_path)
     with open_dict(cfg):
         cfg.judge.markers = [marker]
     pipeline.run(cfg)
@@ -421,6 +434,10 @@ def test_pipeline_logs_every_stage_to_wandb(tmp_path, flipping):
             assert logged[result.prompt_id]["flip_verified"]
             curve = [h for h in run.history if f"fm/prompt_{result.prompt_id}/val_loss" in h]
             assert curve, "the FM's training curve is logged through Lightning's WandbLogger"
+            model = f"fm-{run.id}-prompt-{result.prompt_id}"
+            assert run.artifacts[model] == "model", "log_model offline: the FM's checkpoint"
+    assert run.artifacts[f"feature_sets-{run.id}"] == "feature_sets"
+    assert any("fm/main_effects" in h for h in run.history)
     assert any("fm/interactions" in h for h in run.history)
     aucs = [a for a in summary.fm_heldout_auc if a is not None]
     assert run.summary["flip_rate"] == summary.flip_rate
@@ -454,14 +471,14 @@ def test_launcher_presets_compose(override, target, tmp_path):
 
 
 def test_sweep_presets_compose(tmp_path):
-    optuna = make_cfg(["hparams_search=organism_optuna"], tmp_path)
-    assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert optuna.hydra.mode.name == "MULTIRUN" and optuna.optimized_metric == "flip_rate"
-    assert set(optuna.hydra.sweeper.params) == {
+    study = make_cfg(["hparams_search=organism_optuna"], tmp_path)
+    assert study.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert study.hydra.mode.name == "MULTIRUN" and study.optimized_metric == "jailbreak_rate"
+    assert set(study.hydra.sweeper.params) == {
         "search.candidates.top_k",
         "search.candidates.cos_floor",
-        "search.fm.rank",
-        "search.fm.n_masks",
+        "search.candidates.direction",
+        "search.ablation.scale",
     }
     layers = make_cfg(["experiment=organism_layer_sweep"], tmp_path)
     assert layers.hydra.mode.name == "MULTIRUN"
@@ -504,11 +521,51 @@ def test_submitit_local_multirun_groups_its_jobs_and_reports_them(tmp_path):
     assert len(runs) == 2 and runs[0].id != runs[1].id  # one W&B run per job
     assert runs[0].group == runs[1].group == f"train/{sweep.name}"
     assert [r.config["layers"] for r in runs] == [[1], [2]]
+    # scalar keys a panel groups the jobs by, the findings as an artifact, and the
+    # per-prompt numbers on their own axis
+    assert [(r.config["layers_str"], r.config["layer"]) for r in runs] == [("1", 1), ("2", 2)]
+    assert all(r.config["sae_width"] == 256 and r.config["intervention"] for r in runs)
+    assert all(r.artifacts[f"feature_sets-{r.id}"] == "feature_sets" for r in runs)
+    for key in tracking.PROMPT_METRICS:
+        assert all(r.steps[key] == tracking.STEP for r in runs), key
+    searched = [h for r in runs for h in r.history if "prompt/jailbroken" in h]
+    assert searched and all(tracking.STEP in h for h in searched)
     assert all(r.exit_code == 0 for r in runs)
     assert all(r.dir.parent.parent.parent == sweep for r in runs)  # <sweep>/<job>/wandb/<run>
     report = (sweep / "report.csv").read_text().splitlines()
     assert len(report) == 3 and "layers=[1]" in report[1] and "layers=[2]" in report[2]
     assert "How the minimal sets of different jobs overlap" in (sweep / "report.md").read_text()
+
+
+TIMINGS = ("wall_seconds", "stage_seconds", "seconds_per_prompt", "median_seconds_per_prompt")
+
+
+@pytest.mark.slow
+def test_shards_on_submitit_local_merge_to_the_unsharded_summary(tmp_path):
+    # the per-prompt stages: the run-level controls are each shard's own
+    common = [
+        *(o for o in TINY if o != "logger=none"),
+        "logger=none",
+        "judge.threshold=-11.4",
+        "search.stages=[baseline,direction,greedy,verification,interactions,random_control]",
+    ]
+    sweep, single = tmp_path / "sweep", tmp_path / "single"
+    train(
+        ["-m", "hydra/launcher=submitit_local", *common, "data.shard=0/2,1/2"]
+        + [f"hydra.sweep.dir={sweep}"]
+    )
+    train([*common, f"hydra.run.dir={single}"])
+    report.write(report.load_jobs(sweep), sweep, str(sweep))
+    merged = json.loads((sweep / "shards_summary.json").read_text())
+    whole = json.loads((single / "summary.json").read_text())
+    assert merged["n_eval"] == 2 and merged["n_refused"] >= 1, "both shards' prompts"
+    assert merged["config"]["data"]["shard"] is None
+    unequal = (*TIMINGS, "evals_per_s", "config", "versions")
+    assert {k: v for k, v in merged.items() if k not in unequal} == {
+        k: v for k, v in whole.items() if k not in unequal
+    }
+    table = (sweep / "report.csv").read_text().splitlines()
+    assert len(table) == 2 and "shards 0/2, 1/2" in table[1]  # one study, one row
 
 
 @pytest.mark.slow
@@ -530,20 +587,24 @@ def test_organism_layer_sweep_runs_jobs_in_one_process_each_with_its_own_run(tmp
 
 
 @pytest.mark.slow
-def test_optuna_sweep_optimises_the_returned_metric(tmp_path):
-    sweep = tmp_path / "sweep"
+def test_optuna_sweep_keeps_its_study_and_optimises_the_returned_metric(tmp_path):
+    sweep, db = tmp_path / "sweep", tmp_path / "optuna.db"
     train(
         [
             "hparams_search=organism_optuna",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.n_startup_trials=2",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.sampler.n_startup_trials=3",
+            f"hydra.sweeper.storage=sqlite:///{db}",
             *TINY,
-            "judge.threshold=1000",  # no prompt refused: flip rate None, counted as 0.0
+            "judge.threshold=1000",  # no prompt refused: jailbreak rate None, counted as 0.0
             f"hydra.sweep.dir={sweep}",
         ]
     )
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert results["best_value"] == 0.0
-    # top_k and n_masks are pinned on the command line (TINY), the others are searched
-    assert set(results["best_params"]) == {"search.candidates.cos_floor", "search.fm.rank"}
-    assert len(job_runs(sweep)) == 2
+    # top_k is pinned on the command line (TINY), the others are searched
+    searched = {"search.candidates.cos_floor", "search.candidates.direction"}
+    assert set(results["best_params"]) == searched | {"search.ablation.scale"}
+    assert len(job_runs(sweep)) == 3
+    study = optuna.load_study(study_name="organism_search_settings", storage=f"sqlite:///{db}")
+    assert len(study.trials) == 3 and all(t.value == 0.0 for t in study.trials)
