@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -35,13 +35,32 @@ HUB_DATASETS = {
 
 @dataclass
 class Prompts:
-    """The prompt sets of one run."""
+    """The prompt sets of one run. `eval_ids` are the evaluation prompts' ids (positions
+    in the whole evaluation set, so a shard's ids are those of the unsharded run)."""
 
     harmful_train: list[str]
     harmless_train: list[str]
     harmful_val: list[str]
     harmless_val: list[str]
     eval: list[str]
+    eval_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.eval_ids = self.eval_ids or list(range(len(self.eval)))
+
+
+def shard(n_prompts: int, spec: str | None) -> list[int]:
+    """The prompt ids of shard "i/n" (every n-th prompt from the i-th; all without one),
+    so that the shards of a multirun split the evaluation set evenly and exactly."""
+    if spec is None:
+        return list(range(n_prompts))
+    i, _, n = str(spec).partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise DataError(
+            f"data.shard={spec} is not i/n with 0 <= i < n: e.g. data.shard=0/4 "
+            "(a multirun over shards: -m 'data.shard=0/4,1/4,2/4,3/4')."
+        )
+    return list(range(int(i), n_prompts, int(n)))
 
 
 def builtin(name: str, split: str = "all") -> list[str]:
@@ -161,16 +180,20 @@ def load_source(source: str) -> list[str]:
 
 
 def load(cfg: DictConfig) -> Prompts:
-    """The five prompt sets a `data=` config names, capped at n_train / n_val / max_eval."""
+    """The five prompt sets a `data=` config names, capped at n_train / n_val / max_eval,
+    the evaluation set cut to its shard (`data.shard`)."""
 
     def capped(source: str, n: int | None) -> list[str]:
         prompts = load_source(source)
         return prompts[:n] if n is not None else prompts
 
+    evaluation = capped(cfg.eval, cfg.get("max_eval"))
+    ids = shard(len(evaluation), cfg.get("shard"))
     return Prompts(
         harmful_train=capped(cfg.harmful_train, cfg.get("n_train")),
         harmless_train=capped(cfg.harmless_train, cfg.get("n_train")),
         harmful_val=capped(cfg.harmful_val, cfg.get("n_val")),
         harmless_val=capped(cfg.harmless_val, cfg.get("n_val")),
-        eval=capped(cfg.eval, cfg.get("max_eval")),
+        eval=[evaluation[i] for i in ids],
+        eval_ids=ids,
     )

@@ -79,6 +79,26 @@ def test_load_caps_sets():
     assert prompts.eval == data.builtin("harmful", "eval")[:3]
 
 
+def test_shards_split_the_evaluation_set_exactly_with_its_ids():
+    cfg = OmegaConf.load(data.__file__.replace("refusal/data.py", "conf/data/default.yaml"))
+    cfg.max_eval = 7
+    whole = data.load(cfg)
+    parts = []
+    for i in range(3):
+        cfg.shard = f"{i}/3"
+        parts.append(data.load(cfg))
+    assert sorted(i for p in parts for i in p.eval_ids) == whole.eval_ids == list(range(7))
+    for part in parts:
+        assert part.eval == [whole.eval[i] for i in part.eval_ids]
+    assert [len(p.eval) for p in parts] == [3, 2, 2]  # even, every third prompt
+
+
+@pytest.mark.parametrize("spec", ["3/3", "1", "a/2", "-1/2"])
+def test_a_malformed_shard_is_a_clear_error(spec):
+    with pytest.raises(DataError, match="is not i/n"):
+        data.shard(10, spec)
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this checkout")
 @pytest.mark.parametrize(
     "name,rows",

@@ -12,8 +12,9 @@ from refusal.records import BaselineRecord
 def run(ctx: Context, done: dict[int, BaselineRecord]) -> list[BaselineRecord]:
     """A record per evaluation prompt: those in `done` (resumed) kept, the others judged
     (their clean replies generated together, then each one's opening score)."""
-    todo = [i for i in range(len(ctx.prompts.eval)) if i not in done]
-    instructions = [ctx.prompts.eval[i] for i in todo]
+    prompts = dict(zip(ctx.prompts.eval_ids, ctx.prompts.eval))
+    todo = [i for i in prompts if i not in done]
+    instructions = [prompts[i] for i in todo]
     tokens = ctx.cfg.judge.max_new_tokens
     replies = ctx.forwards.generate(instructions, max_new_tokens=tokens, desc="baseline replies")
     verdicts = ctx.judged(instructions, replies)
