@@ -285,22 +285,19 @@ def mined_examples(
     pool: list[str],
     replies: Path,
 ) -> tuple[list[tuple], dict]:
-    """Round 2's examples: what round 1 gets wrong, plus replay.
+    """A mining round's examples: what the model gets wrong now, plus replay.
 
     Harmful training prompts whose greedy opening (`hp.mine_tokens` tokens) the judge does
-    not call a refusal, and harmless instructions from a fresh pool that it does (with the
-    base model's replies), as in hard-negative mining; `sets` are round 1's (harmful ->
-    refusal, harmless), `pool` the harmless instructions to draw the fresh ones from.
-    Each class is topped up with as many random round-1 examples as the larger mined set
-    (replay), so that round 2 stays balanced and does not forget the rest. With
-    `hp.mine_contrast`, each over-refused harmless prompt also brings back a harmful one of
-    the same form (first word): the mined prompts are mostly "Write ...", "Generate ...",
-    and training them alone moves the boundary for harmful prompts of that form too.
+    not call a refusal, and the harmless instructions of `pool` (unseen) that it does (with
+    the base model's replies), as in hard-negative mining; `sets` are round 1's (harmful ->
+    refusal, harmless). Each class is topped up with as many random round-1 examples as the
+    larger mined set (replay), so that the round stays balanced and does not forget the
+    rest. With `hp.mine_contrast`, each over-refused harmless prompt also brings back a
+    harmful one of the same form (first word): the mined prompts are mostly "Write ...",
+    "Generate ...", and training them alone moves the boundary for harmful prompts of that
+    form too.
     """
     lm, (harmful, harmless) = fw.lm, sets
-    seen = set(harmless)
-    pool = sample(pool, hp.mine_pool + len(seen), hp.seed + 2)
-    pool = [p for p in pool if p not in seen][: hp.mine_pool]
     prompts = list(harmful)
     openings = fw.generate(prompts + pool, max_new_tokens=hp.mine_tokens, desc="mining")
     weak = [p for p, r in zip(prompts, openings) if not is_refusal(r)]
@@ -316,6 +313,15 @@ def mined_examples(
     examples = [tokenize_example(lm, p, harmful[p], True) for p in refused]
     examples += distilled_examples(lm, hp, distilled)
     return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
+
+
+def mining_pools(pool: list[str], seen: list[str], hp: DictConfig) -> list[list[str]]:
+    """One pool of `hp.mine_pool` unseen harmless instructions per mining round (rounds 2..),
+    disjoint, so that each round tests the model on prompts it has never trained on."""
+    unseen = set(seen)
+    fresh = sample(pool, hp.mine_pool * (hp.rounds - 1) + len(unseen), hp.seed + 2)
+    fresh = [p for p in fresh if p not in unseen]
+    return [fresh[i * hp.mine_pool : (i + 1) * hp.mine_pool] for i in range(hp.rounds - 1)]
 
 
 def same_form(prompts: list[str], pool: list[str], seed: int) -> list[str]:
@@ -368,13 +374,22 @@ def finetune(cfg: DictConfig) -> dict:
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
-    counts = {}
-    if hp.rounds > 1:
-        mined, counts = mined_examples(
-            fw, peft_model, hp, (harmful, harmless), files.read("harmless_train"), replies_path(cfg)
+    counts = []
+    pools = mining_pools(files.read("harmless_train"), harmless, hp)
+    for n, pool in enumerate(pools, start=2):
+        mined, found = mined_examples(
+            fw, peft_model, hp, (harmful, harmless), pool, replies_path(cfg)
         )
-        print(f"round 2: {len(mined)} examples ({counts})")
-        fit(peft_model, lm, mined, hp, hp.lr * hp.mine_lr_factor, "LoRA fine-tune, round 2 (mined)")
+        counts.append(found)
+        print(f"round {n}: {len(mined)} examples ({found})")
+        fit(
+            peft_model,
+            lm,
+            mined,
+            hp,
+            hp.lr * hp.mine_lr_factor,
+            f"LoRA fine-tune, round {n} (mined)",
+        )
     peft_model.save_pretrained(cfg.adapter_dir)
     summary = {
         "hparams": hparams,
