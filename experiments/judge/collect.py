@@ -8,6 +8,7 @@ as verification generates (greedy, judge.max_new_tokens tokens).
 
     python -m experiments.judge.collect                 # the organism
     python -m experiments.judge.collect collect.n_harmful=80
+    python -m experiments.judge.collect 'collect.conditions=[]' collect.n_harmless=0  # latents only
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def collect(cfg: DictConfig) -> Path:
     tokens = cfg.judge.max_new_tokens
     diffs = direction.mean_diff(ctx.forwards, ctx.prompts.harmful_train, ctx.prompts.harmless_train)
     r = diffs[layer, -1]  # the last post-instruction position
-    sets = {"clean": ctx.forwards.generate(harmful, max_new_tokens=tokens, desc="clean")}
-    sets |= direction_replies(ctx, harmful, r, layer)
+    sets = {}
+    if "clean" in c.conditions:
+        sets["clean"] = ctx.forwards.generate(harmful, max_new_tokens=tokens, desc="clean")
+    if "direction" in c.conditions:
+        sets |= direction_replies(ctx, harmful, r, layer)
     for k in c.top_k:
         sets[f"top{k}_latents"] = feature_replies(ctx, harmful, r, k)
     rows = [
