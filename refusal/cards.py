@@ -194,8 +194,9 @@ def read_corpus(
     for (source, _), (ids, acts) in zip(docs, activations(ctx, texts, features)):
         for j, f in enumerate(features):
             if acts[:, j].max() > 0:
-                top[f] = sorted([*top[f], snippet(ctx, source, ids, acts[:, j])], key=peak)
-                top[f] = top[f][:N_CONTEXTS]
+                found = snippet(ctx, source, ids, acts[:, j])
+                if all(s.tokens != found.tokens for s in top[f]):  # a shared template, once
+                    top[f] = sorted([*top[f], found], key=peak)[:N_CONTEXTS]
             if source == homes[f]:
                 tokens = [piece(ctx, t) for t in ids]
                 own[f] = Snippet(source=source, tokens=tokens, acts=acts[:, j].tolist())

@@ -337,15 +337,8 @@ class Tracker:
         payload: dict[str, Any] = self._grow(
             "search/prompts", SEARCH_COLUMNS, [self._search_row(result, greedy)]
         )
-        payload |= self._grow(
-            "direction/candidates",
-            ["prompt_id", "feature", "layer", "latent", "cos", "in_minimal", "neuronpedia"],
-            [
-                [pid, str(c.feature), c.feature.layer, c.feature.latent, c.cos]
-                + [c.feature in greedy.minimal, self.url(c.feature)]
-                for c in greedy.candidates
-            ],
-        )
+        scored = [(c.feature, c.cos) for c in greedy.candidates]
+        payload |= self._feature_table("direction/candidates", "cos", result, scored)
         payload |= self._grow(
             "fm/top_pairs",
             ["prompt_id", "a", "b", "interaction", "neuronpedia_a", "neuronpedia_b"],
@@ -365,18 +358,20 @@ class Tracker:
             title = heatmap_title(pid, readout)
             figure = interaction_heatmap(readout.interactions, labels, title)
             payload["fm/interactions"] = wandb.Image(figure, caption=title)
-            payload |= self._grow(
-                "fm/main_effects",
-                ["prompt_id", "feature", "layer", "latent", "w", "in_minimal", "neuronpedia"],
-                [
-                    [pid, str(e.feature), e.feature.layer, e.feature.latent, e.w]
-                    + [e.feature in greedy.minimal, self.url(e.feature)]
-                    for e in readout.main_effects
-                ],
-            )
+            effects = [(e.feature, e.w) for e in readout.main_effects]
+            payload |= self._feature_table("fm/main_effects", "w", result, effects)
             self._log_fm_checkpoint(pid)
         scalars = {STEP: pid} | prompt_scalars(result, greedy)
         self.run.log(payload | {k: v for k, v in scalars.items() if v is not None})
+
+    def _feature_table(
+        self, key: str, value: str, result: PromptResult, scored: list[tuple[Feature, float]]
+    ) -> dict[str, wandb.Table]:
+        """A prompt's (feature, value) rows, marked where the feature is in greedy's M."""
+        pid, minimal = result.prompt_id, set(result.greedy.minimal if result.greedy else [])
+        columns: list[Any] = ["prompt_id", "feature", "layer", "latent", value, "in_minimal"]
+        rows = [[pid, str(f), f.layer, f.latent, v, f in minimal, self.url(f)] for f, v in scored]
+        return self._grow(key, [*columns, "neuronpedia"], rows)
 
     def _log_fm_checkpoint(self, prompt_id: int) -> None:
         """The prompt's FM checkpoint and masks as a `model` artifact (logger.wandb.log_model)."""
