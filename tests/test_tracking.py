@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import open_dict
 from wandb.proto import wandb_internal_pb2
 
+import refusal
 from refusal import pipeline, report, tracking
 from refusal.direction import Selection
 from refusal.records import (
@@ -396,6 +397,27 @@ def test_logger_none_and_csv(tmp_path):
     (logger,) = csv.fm_loggers(3)
     assert isinstance(logger, CSVLogger) and csv.run is None
     assert Path(logger.log_dir) == tmp_path / "csv" / "fm_prompt_3"
+
+
+@pytest.mark.parametrize(
+    "env,netrc_host,offline",
+    [
+        ({}, None, True),  # no credentials anywhere
+        ({}, "api.wandb.ai", False),  # `wandb login` wrote the netrc entry
+        ({"WANDB_API_KEY": "k" * 40}, None, False),
+        ({"WANDB_MODE": "offline"}, "api.wandb.ai", True),  # the mode decides where set
+        ({"WANDB_MODE": "online"}, None, False),
+        ({"WANDB_BASE_URL": "https://wandb.example.org"}, "wandb.example.org", False),
+    ],
+)
+def test_wandb_goes_online_where_it_can_log_in(monkeypatch, tmp_path, env, netrc_host, offline):
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {netrc_host} login user password {'p' * 40}\n" if netrc_host else "")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert refusal.wandb_offline() is offline
 
 
 def test_objective_is_a_float_a_sweeper_can_rank():
