@@ -1,5 +1,6 @@
-"""The report as a list of blocks, written two ways: Markdown (report.md, its images beside
-it) and one self-contained HTML page (report.html: images inlined, no scripts, no network).
+"""The report as a list of blocks, each written two ways: Markdown (report.md, its images
+beside it) and one self-contained HTML page (report.html: images inlined, no scripts, no
+network).
 """
 
 from __future__ import annotations
@@ -20,21 +21,47 @@ class Heading:
     text: str
     level: int = 2
 
+    def markdown(self) -> str:
+        return f"{'#' * self.level} {self.text}"
+
+    def html(self, out: Path) -> str:
+        return f"<h{self.level}>{html.escape(self.text)}</h{self.level}>"
+
 
 @dataclass
 class Text:
     text: str
+
+    def markdown(self) -> str:
+        return self.text
+
+    def html(self, out: Path) -> str:
+        return f"<p>{html.escape(self.text)}</p>"
 
 
 @dataclass
 class Table:
     frame: pd.DataFrame
 
+    def markdown(self) -> str:
+        return markdown_table(self.frame)
+
+    def html(self, out: Path) -> str:
+        table = self.frame.map(cell).to_html(index=False, escape=True, border=0)
+        return f'<div class="table">{table}</div>'
+
 
 @dataclass
 class Image:
     file: str  # in the report's directory
     alt: str
+
+    def markdown(self) -> str:
+        return f"![{self.alt}]({self.file})"
+
+    def html(self, out: Path) -> str:
+        data = base64.b64encode((out / self.file).read_bytes()).decode()
+        return f'<img alt="{html.escape(self.alt)}" src="data:image/png;base64,{data}">'
 
 
 @dataclass
@@ -53,10 +80,22 @@ class Reply:
 class Replies:
     rows: list[Reply]
 
+    def markdown(self) -> str:
+        return "\n\n".join(_md_reply(r) for r in self.rows)
+
+    def html(self, out: Path) -> str:
+        return "\n".join(_html_reply(r) for r in self.rows)
+
 
 @dataclass
 class Card:
     card: FeatureCard
+
+    def markdown(self) -> str:
+        return _md_card(self.card)
+
+    def html(self, out: Path) -> str:
+        return _html_card(self.card)
 
 
 Block = Heading | Text | Table | Image | Replies | Card
@@ -84,24 +123,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def to_markdown(blocks: list[Block]) -> str:
-    return "\n".join(_md(block) + "\n" for block in blocks)
-
-
-def _md(block: Block) -> str:
-    match block:
-        case Heading(text, level):
-            return f"{'#' * level} {text}"
-        case Text(text):
-            return text
-        case Table(frame):
-            return markdown_table(frame)
-        case Image(file, alt):
-            return f"![{alt}]({file})"
-        case Replies(rows):
-            return "\n\n".join(_md_reply(r) for r in rows)
-        case Card(card):
-            return _md_card(card)
-    raise TypeError(block)
+    return "\n".join(block.markdown() + "\n" for block in blocks)
 
 
 def _quote(text: str) -> str:
@@ -154,31 +176,12 @@ img { max-width: 100%; border: 1px solid #eee }
 
 
 def to_html(blocks: list[Block], out: Path, title: str) -> str:
-    body = "\n".join(_html(block, out) for block in blocks)
+    body = "\n".join(block.html(out) for block in blocks)
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
         f"<body>\n{body}\n</body></html>\n"
     )
-
-
-def _html(block: Block, out: Path) -> str:
-    match block:
-        case Heading(text, level):
-            return f"<h{level}>{html.escape(text)}</h{level}>"
-        case Text(text):
-            return f"<p>{html.escape(text)}</p>"
-        case Table(frame):
-            table = frame.map(cell).to_html(index=False, escape=True, border=0)
-            return f'<div class="table">{table}</div>'
-        case Image(file, alt):
-            data = base64.b64encode((out / file).read_bytes()).decode()
-            return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-        case Replies(rows):
-            return "\n".join(_html_reply(r) for r in rows)
-        case Card(card):
-            return _html_card(card)
-    raise TypeError(block)
 
 
 def _pre(text: str) -> str:
