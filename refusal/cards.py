@@ -91,45 +91,23 @@ def corpus(ctx: Context, results: list[PromptResult]) -> Iterator[tuple[str, str
 
 @torch.no_grad()
 def activations(
-    ctx: Context, texts: list[str], features: list[Feature], batch_size: int = 16
+    ctx: Context, texts: list[str], features: list[Feature]
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Per text: its token ids and the features' activations (T, n_features), read clean;
     special tokens (the SAEs never saw them) read 0."""
-    lm, sae_by_layer = ctx.lm, ctx.engine.saes
     layers = sorted({f.layer for f in features})
-    special = torch.tensor(sorted(lm.tokenizer.all_special_ids))
-    for start in range(0, len(texts), batch_size):
-        lm.tokenizer.padding_side = "right"
-        batch = lm.tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+    special = torch.tensor(sorted(ctx.lm.tokenizer.all_special_ids))
+    for ids, mask, residuals in ctx.forwards.residuals(texts, layers):
         acts = torch.zeros(*ids.shape, len(features))
-        h = lm.embed(ids.to(lm.device))
-        record = _recorder(sae_by_layer, features, acts)
-        lm.run_blocks(h, 0, stop=max(layers) + 1, attention_mask=mask.to(lm.device), edit=record)
+        for layer, h in residuals.items():
+            latents = ctx.engine.saes[layer].encode(h).float().cpu()
+            for j, f in enumerate(features):
+                if f.layer == layer:
+                    acts[..., j] = latents[..., f.latent]
         acts[torch.isin(ids, special) | (mask == 0)] = 0.0
         for row in range(len(ids)):
             n = int(mask[row].sum())
             yield ids[row, :n].tolist(), acts[row, :n]
-
-
-def _recorder(sae_by_layer: dict, features: list[Feature], acts: torch.Tensor):
-    """A run_blocks edit that leaves the residual alone and writes the features'
-    activations into `acts` (B, T, n_features)."""
-
-    def record(layer: int, h: torch.Tensor) -> torch.Tensor:
-        columns = [(j, f.latent) for j, f in enumerate(features) if f.layer == layer]
-        if columns:
-            latents = sae_by_layer[layer].encode(h).float().cpu()
-            for j, latent in columns:
-                acts[..., j] = latents[..., latent]
-        return h
-
-    return record
 
 
 def piece(ctx: Context, token_id: int) -> str:

@@ -134,6 +134,35 @@ class Forwards:
         return (total / len(instructions)).float()
 
     @torch.no_grad()
+    def residuals(
+        self, texts: list[str], layers: list[int], batch_size: int = 16
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]:
+        """Texts already formatted (a prompt with its reply, say), right-padded in batches
+        and run clean up to the last of `layers`: each batch's ids, attention mask and
+        residual (B, T, d) at each of the layers."""
+        lm, tokenizer = self.lm, self.lm.tokenizer
+        seen: dict[int, torch.Tensor] = {}
+
+        def record(layer: int, h: torch.Tensor) -> torch.Tensor:
+            if layer in layers:
+                seen[layer] = h
+            return h
+
+        for i in range(0, len(texts), batch_size):
+            tokenizer.padding_side = "right"
+            batch = tokenizer(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            h = lm.embed(ids.to(lm.device))
+            stop = max(layers) + 1
+            lm.run_blocks(h, 0, stop=stop, attention_mask=mask.to(lm.device), edit=record)
+            yield ids, mask, dict(seen)
+
+    @torch.no_grad()
     def generate(
         self,
         instructions: list[str],
