@@ -74,28 +74,34 @@ class Context:
 
     def reply(self, instruction: str, features: list[Feature] | None = None) -> str:
         """The greedy reply with the engine's intervention on `features`."""
-        return self.replies(instruction, [features or []])[0]
+        return self.replies([instruction], [features or []])[0]
 
-    def replies(self, instruction: str, feature_sets: list[list[Feature]]) -> list[str]:
-        """Greedy replies to one instruction, one per feature set intervened on, generated
-        together: row b of a batch carries the edit of set b (per-row masks)."""
-        out: list[str] = []
+    def replies(self, instructions: list[str], feature_sets: list[list[Feature]]) -> list[str]:
+        """Greedy replies, one per (instruction, feature set intervened on) pair, generated
+        together: row b of a batch carries the edit of its set (per-row masks). Pairs run
+        in instruction-length order (as `Forwards.generate` orders them), so each batch
+        holds rows of similar length and the masks stay aligned with the rows."""
+        order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
+        out = [""] * len(order)
         size = self.forwards.batch_size
-        for start in range(0, len(feature_sets), size):
-            sets = feature_sets[start : start + size]
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            sets = [feature_sets[i] for i in idx]
             features = list(dict.fromkeys(f for s in sets for f in s))
             masks = torch.tensor([[float(f in s) for f in features] for s in sets])
             edit = self.engine.feature_edit(
                 features, masks.reshape(len(sets), -1).to(self.lm.device)
             )
-            out += self.forwards.generate(
-                [instruction] * len(sets),
+            replies = self.forwards.generate(
+                [instructions[i] for i in idx],
                 edit,
                 layers=edit.layers,
                 prompt_only=self.engine.intervention.positions == "prompt",
                 max_new_tokens=self.cfg.judge.max_new_tokens,
                 spare=self.engine.spared,
             )
+            for i, reply in zip(idx, replies):
+                out[i] = reply
         return out
 
     @property
@@ -110,7 +116,7 @@ class Context:
     @cached_property
     def capability_replies(self) -> list[str]:
         """The model's own greedy replies to the capability prompts (the ΔCE's text)."""
-        tokens = self.cfg.judge.max_new_tokens
+        tokens = self.cfg.search.capability.max_new_tokens
         return self.forwards.generate(self.capability_prompts, max_new_tokens=tokens)
 
     @cached_property

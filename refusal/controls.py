@@ -42,12 +42,18 @@ def feature_spec(ctx: Context, features: list[Feature]) -> EditSpec:
     return EditSpec(ctx.engine.feature_edit(features))
 
 
-def generate(ctx: Context, instructions: list[str], spec: EditSpec, desc: str) -> list[str]:
+def generate(
+    ctx: Context, instructions: list[str], spec: EditSpec, desc: str, harmless: bool = False
+) -> list[str]:
+    """Greedy replies with the edit: as long as verification's on harmful prompts (judged
+    for compliance), as long as the capability setting's on harmless ones (judged for
+    refusal, which a reply declares in its opening)."""
+    tokens = ctx.cfg.search.capability if harmless else ctx.cfg.judge
     return ctx.forwards.generate(
         instructions,
         spec.edit,
         embed_edit=spec.embed_edit,
-        max_new_tokens=ctx.cfg.judge.max_new_tokens,
+        max_new_tokens=tokens.max_new_tokens,
         desc=desc,
         spare=ctx.engine.spared if spec.spared else None,
     )
@@ -67,7 +73,7 @@ def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
         prompts, clean_replies, edit=spec.edit, embed_edit=spec.embed_edit, spare=spare
     )
     clean = ctx.capability_logprobs
-    replies = generate(ctx, prompts, spec, desc)
+    replies = generate(ctx, prompts, spec, desc, harmless=True)
     return EditCost(
         harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
         delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
@@ -108,7 +114,7 @@ def transfer(
         off, min(len(off), ctx.cfg.search.controls.transfer.judge_max)
     )
     instructions = [targets[t].instruction for _, t in sample]
-    replies = [ctx.reply(i, sources[s].score_minimal) for i, (s, _) in zip(instructions, sample)]
+    replies = ctx.replies(instructions, [sources[s].score_minimal for s, _ in sample])
     judged = jailbroken(ctx, instructions, replies)
     return TransferMatrix(
         sources=[s.prompt_id for s in sources],
@@ -192,7 +198,7 @@ def induced(ctx: Context, features: list[Feature]) -> float:
     masks = torch.ones(1, len(features))
     spec = EditSpec(FeatureEdit(steer, ctx.engine.saes, features, masks, ctx.lm.dtype))
     prompts = ctx.capability_prompts
-    replies = generate(ctx, prompts, spec, "shared set added, harmless")
+    replies = generate(ctx, prompts, spec, "shared set added, harmless", harmless=True)
     return ctx.refusal_rate(prompts, replies)
 
 

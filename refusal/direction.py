@@ -147,6 +147,8 @@ def select(
     positions = post_instruction_positions(forwards.lm)
     first = all_positions - min(n_positions or all_positions, all_positions)
     clean_harmless = forwards.first_token_logits(harmless_val)
+    # r is added at its own layer: the blocks below it are the clean pass's, run once
+    harmless = forwards.checkpoint(harmless_val)
     scores = []
     max_layer = int(n_layers * (1 - exclude_last_fraction))
     grid = [(layer, p) for p in range(first, all_positions) for layer in range(max_layer)]
@@ -156,7 +158,8 @@ def select(
         ablated = forwards.first_token_logits(harmful_val + harmless_val, *direction_ablation(r))
         bypass = refusal_score(ablated[: len(harmful_val)], forwards.refusal_ids).mean().item()
         kl = first_token_kl(clean_harmless, ablated[len(harmful_val) :]).mean().item()
-        induce = forwards.refusal_scores(harmless_val, direction_addition(r, layer)).mean().item()
+        added = harmless.first_token_logits(layer, direction_addition(r, layer))
+        induce = refusal_score(added, forwards.refusal_ids).mean().item()
         scores.append(
             DirectionScore(layer=layer, position=positions[p], bypass=bypass, induce=induce, kl=kl)
         )

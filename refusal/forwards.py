@@ -33,6 +33,38 @@ class Forwards:
         for i in range(0, len(instructions), self.batch_size):
             yield self.lm.tokenize(instructions[i : i + self.batch_size])
 
+    def _rows(self, instructions: list[str]) -> Rows:
+        """The instructions as a many-prompt pass runs them: the opening every one shares
+        (the chat template's, with a system prompt half of a short prompt), run once, and
+        the rest of each, left-padded in length-ordered batches (little padding)."""
+        ids = self.lm.tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
+        shared = min(_common_prefix(ids), min(map(len, ids)) - 1)
+        # a row's padding then sits between the opening and the rest: a sliding window
+        # shorter than the rows would count it as tokens (Gemma-2's is 4096)
+        window = getattr(self.lm.model.config, "sliding_window", None)
+        if window and max(map(len, ids)) > window:
+            shared = 0
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        batches = []
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batches.append((idx, *self._left_padded([ids[i][shared:] for i in idx])))
+        return Rows(ids[0][:shared], batches)
+
+    def _opening(
+        self,
+        rows: Rows,
+        edit: Edit | None = None,
+        embed_edit: EmbedEdit | None = None,
+        spare: Spare | None = None,
+    ) -> KVCache | None:
+        """Keys and values of the shared opening, edited as each row's would be."""
+        if not rows.shared:
+            return None
+        prefix = KVCache()
+        self._pass(torch.tensor([rows.shared]), None, edit, embed_edit, spare, prefix)
+        return prefix
+
     @torch.no_grad()
     def first_token_logits(
         self,
@@ -44,33 +76,36 @@ class Forwards:
         """Next-token logits (N, vocab) at the reply's start, with an optional residual edit
         (left out at the positions `spare` names, e.g. the engine's special tokens).
 
-        The tokens every prompt opens with (the chat template's opening: with a system
-        prompt, half of a short prompt) run once, and every row continues from their keys
-        and values; rows run in length order, so little padding. Edits act position by
-        position, so this is the full pass, computed once where it is shared.
+        The shared opening runs once and every row continues from its keys and values
+        (`_rows`). Edits act position by position, so this is the full pass, computed once
+        where it is shared.
         """
-        ids = self.lm.tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
-        shared = min(_common_prefix(ids), min(map(len, ids)) - 1)
-        # a row's padding then sits between the opening and the rest: a sliding window
-        # shorter than the rows would count it as tokens (Gemma-2's is 4096)
-        window = getattr(self.lm.model.config, "sliding_window", None)
-        if window and max(map(len, ids)) > window:
-            shared = 0
-        prefix = KVCache()
-        if shared:
-            self._pass(torch.tensor([ids[0][:shared]]), None, edit, embed_edit, spare, prefix)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            cache = copy.deepcopy(prefix) if shared else None
-            if cache is not None:
-                cache.batch_repeat_interleave(len(idx))
-            rows = self._left_padded([ids[i][shared:] for i in idx])
-            h = self._pass(*rows, edit, embed_edit, spare, cache, shared)
+        rows = self._rows(instructions)
+        prefix = self._opening(rows, edit, embed_edit, spare)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(instructions)
+        for idx, ids, mask in rows.batches:
+            cache = _repeated(prefix, len(idx))
+            h = self._pass(ids, mask, edit, embed_edit, spare, cache, len(rows.shared))
             for i, logits in zip(idx, self.lm.next_token_logits(h[:, -1]).float().cpu()):
                 out[i] = logits
         return torch.stack(out)
+
+    @torch.no_grad()
+    def checkpoint(self, instructions: list[str]) -> Checkpoint:
+        """A clean pass over `instructions` that keeps every block's output, so that an
+        edit of the blocks from some layer on runs from there (Checkpoint)."""
+        rows = self._rows(instructions)
+        prefix = self._opening(rows)
+        outputs: list[list[torch.Tensor]] = []
+
+        def keep(layer: int, h: torch.Tensor) -> torch.Tensor:
+            outputs[-1].append(h)
+            return h
+
+        for _, ids, mask in rows.batches:
+            outputs.append([])
+            self._pass(ids, mask, keep, None, None, _repeated(prefix, len(ids)), len(rows.shared))
+        return Checkpoint(self, rows, outputs)
 
     def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input ids, attention mask) of token rows, left-padded to the longest."""
@@ -240,6 +275,56 @@ class Forwards:
         for r, (p, a) in enumerate(rows):
             means.append(logp[r, len(p) - 1 : len(p) + len(a) - 1].mean().item())
         return means
+
+
+@dataclass
+class Rows:
+    """Instructions tokenized for a many-prompt pass (Forwards._rows)."""
+
+    shared: list[int]  # the opening every row shares, run once
+    # (row indices, input ids (B, S), attention mask (B, S)): the rest, left-padded
+    batches: list[tuple[list[int], torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Checkpoint:
+    """A clean many-prompt pass that kept every block's output (Forwards.checkpoint). An
+    edit that leaves the blocks before `layer` alone (the refusal direction added at
+    `layer`, say) then runs from `layer` on: below it every row is the clean pass's, and
+    only the shared opening, one row, runs again from the embeddings."""
+
+    forwards: Forwards
+    rows: Rows
+    outputs: list[list[torch.Tensor]]  # per batch, per layer: the block's output (B, S, d)
+
+    @torch.no_grad()
+    def first_token_logits(self, layer: int, edit: Edit) -> torch.Tensor:
+        """Forwards.first_token_logits with `edit`, which must be the identity on the
+        outputs of the blocks before `layer`."""
+        fw, past = self.forwards, len(self.rows.shared)
+        prefix = fw._opening(self.rows, edit)
+        out: list[torch.Tensor] = [torch.empty(0)] * sum(len(b[0]) for b in self.rows.batches)
+        for (idx, _, mask), kept in zip(self.rows.batches, self.outputs):
+            h = fw.lm.run_blocks(
+                edit(layer, kept[layer]),
+                layer + 1,
+                attention_mask=mask.to(fw.lm.device),
+                edit=edit,
+                cache=_repeated(prefix, len(idx)),
+                past=past,
+            )
+            for i, logits in zip(idx, fw.lm.next_token_logits(h[:, -1]).float().cpu()):
+                out[i] = logits
+        return torch.stack(out)
+
+
+def _repeated(prefix: KVCache | None, rows: int) -> KVCache | None:
+    """A copy of the opening's keys and values for a batch of `rows` rows."""
+    if prefix is None:
+        return None
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

@@ -59,3 +59,19 @@ def test_a_sliding_window_wider_than_the_rows_shares_the_opening(tiny_gemma2, mo
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_a_checkpoint_runs_an_edit_from_its_layer_as_the_full_pass_does(tiny_lm):
+    """The direction added at one layer, run from that layer on the kept clean outputs,
+    gives the logits of the full edited pass; and it moves them (the edit is not lost)."""
+    forwards = tiny_forwards(tiny_lm, batch_size=3)
+    checkpoint = forwards.checkpoint(PROMPTS)
+    r = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(1))
+    clean = forwards.first_token_logits(PROMPTS)
+    for layer in range(tiny_lm.n_layers):
+        edit = direction_addition(3 * r, layer)
+        expected = forwards.first_token_logits(PROMPTS, edit)
+        assert not torch.allclose(expected, clean, atol=1e-3)
+        torch.testing.assert_close(
+            checkpoint.first_token_logits(layer, edit), expected, rtol=1e-4, atol=1e-4
+        )

@@ -140,14 +140,16 @@ def _matched(acts: torch.Tensor, pool: torch.Tensor, targets: list[int], size: i
 
 def confirm(ctx: Context, work: Work, found: list[DormantFeature]) -> list[DormantFeature]:
     """The judge on a generated reply, where the dormant latent moves the opening score
-    across the threshold (refusal under its setting, not with it ablated as well)."""
-    out = []
-    for d in found:
-        if d.score_without > ctx.threshold >= d.score_with:
-            reply = ctx.reply(work.instruction, [*d.setting, d.feature])
-            d = d.model_copy(update={"verdict_with": ctx.verdicts(work.instruction, [reply])[0]})
-        out.append(d)
-    return out
+    across the threshold (refusal under its setting, not with it ablated as well); the
+    replies generated together."""
+    crossing = [k for k, d in enumerate(found) if d.score_without > ctx.threshold >= d.score_with]
+    sets = [[*found[k].setting, found[k].feature] for k in crossing]
+    replies = ctx.replies([work.instruction] * len(sets), sets)
+    verdicts = dict(zip(crossing, ctx.verdicts(work.instruction, replies)))
+    return [
+        d.model_copy(update={"verdict_with": verdicts[k]}) if k in verdicts else d
+        for k, d in enumerate(found)
+    ]
 
 
 def run(ctx: Context, work: Work) -> DormantRecord:

@@ -71,7 +71,7 @@ def run(ctx: Context, work: Work) -> RandomControlRecord:
     scores = work.probe.score(features, masks)
     flipped = [s for s, score in zip(sets, scores.tolist()) if score < ctx.flip_threshold]
     judged = flipped[: cfg.judge_max]
-    replies = ctx.replies(work.instruction, judged) if judged else []
+    replies = ctx.replies([work.instruction] * len(judged), judged)
     verdicts = ctx.verdicts(work.instruction, replies) if replies else []
     return record.model_copy(
         update={

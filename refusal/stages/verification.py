@@ -20,7 +20,7 @@ def run(ctx: Context, work: Work) -> VerificationRecord:
     # M and each M minus one feature, generated in one batch (the checks matter only if M
     # jailbreaks, but cost little beside it)
     sets = [minimal] + [[g for g in minimal if g != f] for f in minimal]
-    reply, *kept = ctx.replies(work.instruction, sets)
+    reply, *kept = ctx.replies([work.instruction] * len(sets), sets)
     verdict = ctx.verdicts(work.instruction, [reply])[0]
     checks: list[MinimalityCheck] = []
     if verdict == Verdict.COMPLIANCE:
