@@ -6,6 +6,7 @@ Layer convention, used everywhere: layer L is the output of decoder block L, i.e
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import inspect
 import os
@@ -285,8 +286,9 @@ def gguf_checkpoint(gguf: Path) -> Path:
     converted on first use and kept in `cache_dir()`. transformers parses a GGUF file anew
     for each of config, tokenizer and weights (seconds each, every run); the checkpoint
     loads in a fraction of that, with the same weights (dequantized once, to float32)."""
-    stat = gguf.stat()
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    with gguf.open("rb") as f:  # by content: every install of the same file shares it
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
