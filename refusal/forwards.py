@@ -86,9 +86,13 @@ class Forwards:
         for idx, ids, mask in rows.batches:
             cache = _repeated(prefix, len(idx))
             h = self._pass(ids, mask, edit, embed_edit, spare, cache, len(rows.shared))
-            for i, logits in zip(idx, self.lm.next_token_logits(h[:, -1]).float().cpu()):
-                out[i] = logits
+            self._next_logits(h, idx, out)
         return torch.stack(out)
+
+    def _next_logits(self, hidden: torch.Tensor, idx: list[int], out: list[torch.Tensor]) -> None:
+        """Each row's next-token logits from its final residual, into out[idx[row]]."""
+        for i, logits in zip(idx, self.lm.next_token_logits(hidden[:, -1]).float().cpu()):
+            out[i] = logits
 
     @torch.no_grad()
     def checkpoint(self, instructions: list[str]) -> Checkpoint:
@@ -313,8 +317,7 @@ class Checkpoint:
                 cache=_repeated(prefix, len(idx)),
                 past=past,
             )
-            for i, logits in zip(idx, fw.lm.next_token_logits(h[:, -1]).float().cpu()):
-                out[i] = logits
+            fw._next_logits(h, idx, out)
         return torch.stack(out)
 
 
