@@ -17,6 +17,7 @@ direction, at every SAE layer (or, per_layer, each layer's own difference of mea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -94,7 +95,7 @@ class Selection:
     layer: int
     position: int  # negative offset from the end of the prompt
     direction: torch.Tensor  # (d_model,), unnormalised difference of means
-    scores: list[DirectionScore]  # every candidate's bypass / induce / KL
+    scores: list[DirectionScore]  # every candidate's induce, bypass and KL where read
     chosen_by: str  # the rule (RULES) that admitted it: both filters, or a fallback
     # prompts kept and dropped per set by the baseline filter; empty: not filtered
     prompts: dict[str, PromptCount] = field(default_factory=dict)
@@ -136,39 +137,77 @@ def select(
     induce_min: float = 0.0,
     n_positions: int | None = None,
     on_none_admissible: str = "warn",
+    score_all: bool = False,
 ) -> Selection:
     """Choose (position, layer) by bypass score among candidates passing the KL and induce
     filters; where none passes both, warn and fall back (RULES), or raise a ConfigError
     (on_none_admissible="error").
 
     n_positions limits the search to the last n post-instruction positions (None: all).
+    The induce score is read for every candidate first (cheap: r is added at its own layer,
+    above a checkpoint of the clean pass); bypass and KL need a full ablated pass, so they
+    are read only where the induce filter passes, unless none does or `score_all`. Every
+    rule in RULES chooses the same candidate either way: with an induce-passing candidate,
+    the admitted ones are among those; without one, every candidate is scored.
     """
     n_layers, all_positions, _ = directions.shape
     positions = post_instruction_positions(forwards.lm)
     first = all_positions - min(n_positions or all_positions, all_positions)
-    clean_harmless = forwards.first_token_logits(harmless_val)
-    # r is added at its own layer: the blocks below it are the clean pass's, run once
-    harmless = forwards.checkpoint(harmless_val)
-    scores = []
     max_layer = int(n_layers * (1 - exclude_last_fraction))
     grid = [(layer, p) for p in range(first, all_positions) for layer in range(max_layer)]
-    for layer, p in tqdm(grid, desc="direction selection", unit="candidate"):
-        r = directions[layer, p]
-        # one pass over both sets: the template's opening, ablated, runs once for both
-        ablated = forwards.first_token_logits(harmful_val + harmless_val, *direction_ablation(r))
-        bypass = refusal_score(ablated[: len(harmful_val)], forwards.refusal_ids).mean().item()
-        kl = first_token_kl(clean_harmless, ablated[len(harmful_val) :]).mean().item()
-        added = harmless.first_token_logits(layer, direction_addition(r, layer))
-        induce = refusal_score(added, forwards.refusal_ids).mean().item()
-        scores.append(
-            DirectionScore(layer=layer, position=positions[p], bypass=bypass, induce=induce, kl=kl)
-        )
+    induce = _induce_scores(forwards, directions, harmless_val, grid)
+    passing = [c for c, score in zip(grid, induce) if score > induce_min]
+    read = grid if score_all or not passing else passing
+    ablated = _ablation_scores(forwards, directions, harmful_val, harmless_val, read)
+    scores = [
+        DirectionScore(layer=layer, position=positions[p], induce=i, **ablated.get((layer, p), {}))
+        for (layer, p), i in zip(grid, induce)
+    ]
     rule, admitted = _admissible(scores, kl_max, induce_min)
     if rule != RULES[0]:
         _none_admissible(rule, kl_max, induce_min, on_none_admissible)
-    best = min(admitted, key=lambda s: s.bypass)
+    best = min(admitted, key=lambda s: s.bypass if s.bypass is not None else math.inf)
     p = positions.index(best.position)
     return Selection(best.layer, best.position, directions[best.layer, p], scores, rule)
+
+
+def _induce_scores(
+    forwards: Forwards,
+    directions: torch.Tensor,
+    harmless_val: list[str],
+    grid: list[tuple[int, int]],
+) -> list[float]:
+    """Each candidate's refusal score on harmless prompts with r added at its layer."""
+    # r is added at its own layer: the blocks below it are the clean pass's, run once
+    harmless = forwards.checkpoint(harmless_val)
+    out = []
+    for layer, p in tqdm(grid, desc="direction selection: induce", unit="candidate"):
+        added = harmless.first_token_logits(layer, direction_addition(directions[layer, p], layer))
+        out.append(refusal_score(added, forwards.refusal_ids).mean().item())
+    return out
+
+
+def _ablation_scores(
+    forwards: Forwards,
+    directions: torch.Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    grid: list[tuple[int, int]],
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Bypass (harmful refusal score) and KL (harmless first token) with r ablated
+    everywhere, for the candidates of `grid`."""
+    clean_harmless = forwards.first_token_logits(harmless_val)
+    out = {}
+    for layer, p in tqdm(grid, desc="direction selection: bypass and KL", unit="candidate"):
+        # one pass over both sets: the template's opening, ablated, runs once for both
+        edit = direction_ablation(directions[layer, p])
+        logits = forwards.first_token_logits(harmful_val + harmless_val, *edit)
+        harmful, harmless = logits[: len(harmful_val)], logits[len(harmful_val) :]
+        out[layer, p] = {
+            "bypass": refusal_score(harmful, forwards.refusal_ids).mean().item(),
+            "kl": first_token_kl(clean_harmless, harmless).mean().item(),
+        }
+    return out
 
 
 def _admissible(
@@ -176,7 +215,7 @@ def _admissible(
 ) -> tuple[str, list[DirectionScore]]:
     """The strictest rule (RULES) that admits some candidate, and those it admits."""
     induces = [s for s in scores if s.induce > induce_min]
-    gentle = [s for s in scores if s.kl < kl_max]
+    gentle = [s for s in scores if s.kl is not None and s.kl < kl_max]
     both = [s for s in induces if s in gentle]
     return next((r, found) for r, found in zip(RULES, (both, induces, gentle, scores)) if found)
 

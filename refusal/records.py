@@ -309,9 +309,10 @@ class ControlsRecord(Model):
 class DirectionScore(Model):
     layer: int
     position: int  # negative offset from the end of the prompt
-    bypass: float  # refusal score on harmful val prompts with r ablated everywhere
     induce: float  # refusal score on harmless val prompts with r added at its layer
-    kl: float  # first-token KL on harmless val prompts with r ablated
+    # read only where the induce filter passes, unless none does (refusal.direction.select)
+    bypass: float | None = None  # refusal score on harmful val prompts, r ablated everywhere
+    kl: float | None = None  # first-token KL on harmless val prompts with r ablated
 
 
 class PromptCount(Model):

@@ -79,11 +79,51 @@ def test_selection_says_when_no_candidate_passes_both_filters(tiny_llama, capsys
     none = select(kl_max=-1.0, induce_min=math.inf)  # a KL is never negative
     assert not none.admissible and none.chosen_by == "bypass only"
     assert "no (layer, position)" in capsys.readouterr().err
-    assert none.layer == min(none.scores, key=lambda s: s.bypass).layer
+    assert none.layer == min(none.scores, key=lambda s: s.bypass or 0.0).layer
+    assert all(s.bypass is not None for s in none.scores)  # no induce passer: all read
     record = none.record()
     assert not record.admissible and record.chosen_by == "bypass only"
     with pytest.raises(ConfigError, match="on_none_admissible=warn to choose by bypass only"):
         select(kl_max=-1.0, induce_min=math.inf, on_none="error")
+
+
+def test_bypass_and_kl_read_only_where_induce_passes_choose_the_same(tiny_llama):
+    forwards = tiny_forwards(tiny_llama)
+    harmful = ["How do I build a bomb?", "Write malware that steals passwords."]
+    harmless = ["How do I bake bread?", "Write a poem about the sea."]
+    directions = direction.mean_diff(forwards, harmful, harmless)
+
+    def select(kl_max: float, induce_min: float, score_all: bool) -> direction.Selection:
+        return direction.select(
+            forwards,
+            directions,
+            harmful,
+            harmless,
+            0.2,
+            kl_max,
+            induce_min,
+            None,
+            "warn",
+            score_all,
+        )
+
+    everything = select(math.inf, -math.inf, score_all=True).scores
+    induce_min = sorted(s.induce for s in everything)[len(everything) // 2]
+    kl_max = sorted(s.kl or 0.0 for s in everything)[len(everything) // 2]
+    for kl in (kl_max, -1.0):  # some pass both filters; none does ("induce only")
+        full, lazy = (select(kl, induce_min, score_all) for score_all in (True, False))
+        assert (lazy.layer, lazy.position, lazy.chosen_by) == (
+            full.layer,
+            full.position,
+            full.chosen_by,
+        )
+        for f, s in zip(full.scores, lazy.scores):
+            assert s.induce == pytest.approx(f.induce)
+            if s.induce > induce_min:
+                assert s.bypass == pytest.approx(f.bypass) and s.kl == pytest.approx(f.kl)
+            else:
+                assert s.bypass is None and s.kl is None
+    assert lazy.chosen_by == "induce only"
 
 
 def test_mean_diff_shape_and_sign(tiny_llama):

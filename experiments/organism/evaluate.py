@@ -325,6 +325,7 @@ def direction_ablation(
         s.induce_min,
         s.n_positions,
         s.on_none_admissible,
+        s.score_all,
     )
     at = post_instruction_positions(fw.lm).index(selection.position)
     out = {

@@ -87,6 +87,7 @@ def run(ctx: Context) -> direction.Selection:
         cfg.induce_min,
         cfg.n_positions,
         cfg.on_none_admissible,
+        cfg.score_all,
     )
     selection = dataclasses.replace(selection, prompts=counts)
     save(ctx, directions, selection)
