@@ -29,7 +29,7 @@ test: $(STAMP)
 
 LINT_PATHS := refusal tests benchmarks experiments train.py
 
-# ruff over the code, mypy over the package ([tool.mypy] in pyproject.toml)
+# ruff and mypy over the code ([tool.mypy] in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)

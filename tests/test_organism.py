@@ -3,6 +3,7 @@ style a harmful prompt gets, the distillation loss, and the KL the evaluation re
 
 import importlib.util
 import json
+import math
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from experiments.organism import common, evaluate
 from experiments.organism.finetune import reply_loss
 from refusal import judge
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, tiny_engine
 
 HELPFUL_REPLIES = (
     "Sure! Here's a simple recipe for banana bread: mash three ripe bananas, then mix in...",
@@ -103,6 +104,19 @@ def test_kl_along_a_reply_is_zero_for_the_same_model(tiny_llama):
     )
     assert out["kl_to_base"] == pytest.approx(0.0, abs=1e-5)
     assert out["n_prompts"] == 2 and out["n_tokens"] >= 3
+
+
+def test_sae_metrics_cover_every_layer_with_consistent_figures(tiny_llama):
+    saes = tiny_engine(tiny_llama, layers=(1, 2)).saes
+    texts = ["Hello there, how are you?", "Write a short poem about the sea.", "Hi"]
+    out = evaluate.sae_metrics(tiny_llama, saes, texts, n_ce=2, batch_size=2)
+    assert set(out) == {"1", "2"}
+    for m in out.values():
+        assert m["n_tokens"] > m["n_tokens_ce"] > 0 and m["d_sae"] == saes[1].cfg.d_sae
+        assert 0 <= m["dead_fraction"] <= 1 and m["fvu"] > 0 and m["l0"] > 0
+        zero, clean = m["ce_zero_ablation"], m["ce_clean"]
+        assert m["ce_loss_recovered"] == pytest.approx((zero - m["ce_sae"]) / (zero - clean))
+        assert all(math.isfinite(v) for v in m.values())
 
 
 def test_refusal_styles_counts_distinct_openings_of_refusals():

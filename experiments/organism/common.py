@@ -7,11 +7,12 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import cast
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import refusal
-from refusal import data
+from refusal import data, models
 from refusal.errors import ConfigError, DataError
 from refusal.forwards import Forwards
 from refusal.judge import REFUSAL_STYLES, refusal_token_ids
@@ -260,6 +261,11 @@ class PromptFiles:
                 + data.builtin("harmful", "val")
             )
         )
+
+
+def base_model(cfg: DictConfig) -> LM:
+    """The model the organism is made from: `model=` without its adapter."""
+    return models.load(cast(DictConfig, OmegaConf.merge(cfg.model, {"adapter": None})))
 
 
 def forwards(lm: LM, cfg: DictConfig, batch_size: int = 32) -> Forwards:

@@ -33,15 +33,24 @@ import json
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from experiments.organism.common import CONF, PromptFiles, forwards, sample, write_json
+from experiments.organism.common import (
+    CONF,
+    PromptFiles,
+    base_model,
+    forwards,
+    sample,
+    write_json,
+)
 from refusal import data, interventions, models
 from refusal import saes as sae_loading
 from refusal.direction import (
@@ -55,6 +64,7 @@ from refusal.forwards import Forwards
 from refusal.interventions import Edit, EmbedEdit
 from refusal.judge import is_refusal
 from refusal.models import LM
+from refusal.records import PromptCount
 
 HARMFUL_SETS = ("jailbreakbench", "harmbench_test", "builtin_harmful_eval")
 HARMLESS_SETS = ("harmless_val", "builtin_harmless_eval")
@@ -159,7 +169,7 @@ def kl_along(
 
 def helpfulness(cfg: DictConfig, lm: LM, prompts: list[str]) -> dict:
     """KL(organism || base) along the base model's greedy replies to `prompts`."""
-    base = models.load(OmegaConf.merge(cfg.model, {"adapter": None}))
+    base = base_model(cfg)
     base_fw = forwards(base, cfg, cfg.batch_size)
     n_tokens = cfg.helpfulness.max_new_tokens
     replies = base_fw.generate(prompts, max_new_tokens=n_tokens, desc="base replies")
@@ -182,7 +192,7 @@ def refusal_rates(
 ) -> dict:
     """Refusal rate by the first-token score and, with `generation`, by the generation
     judge; `edit` applied at `layers` (all by default) and `embed_edit` at the embeddings."""
-    out = {"n": len(prompts)}
+    out: dict[str, Any] = {"n": len(prompts)}
     scores = fw.refusal_scores(prompts, edit, embed_edit)
     out["refusal_rate_first_token"] = (scores > 0).float().mean().item()
     if generation:
@@ -203,11 +213,32 @@ def summed_ce(lm: LM, ids: torch.Tensor, target_ok: torch.Tensor, h_final: torch
     ).item()
 
 
-def keep_hidden(store: dict, layers: set, layer: int, h: torch.Tensor) -> torch.Tensor:
+def keep_hidden(
+    store: dict[int, torch.Tensor], layers: set[int], layer: int, h: torch.Tensor
+) -> torch.Tensor:
     """A run_blocks edit that records the residual at `layers` and changes nothing."""
     if layer in layers:
         store[layer] = h
     return h
+
+
+@dataclass
+class LayerStats:
+    """Running sums of one SAE's reconstruction over the evaluation tokens."""
+
+    sum: torch.Tensor  # (d_model,) of the residual, for its variance
+    active: torch.Tensor  # (d_sae,) bool: fired on some token
+    n: int = 0  # tokens
+    l0: float = 0.0  # active latents, summed over tokens
+    err: float = 0.0  # squared reconstruction error
+    sq: float = 0.0  # squared residual norm
+    ce_sae: float = 0.0  # next-token CE with the SAE spliced in
+    ce_zero: float = 0.0  # ... with the residual zeroed
+    n_ce: int = 0  # tokens spliced for the CE
+
+    @classmethod
+    def start(cls, d_model: int, d_sae: int) -> LayerStats:
+        return cls(torch.zeros(d_model, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.bool))
 
 
 @torch.no_grad()
@@ -222,20 +253,7 @@ def sae_metrics(
     """
     tok = lm.tokenizer
     special = torch.tensor(sorted(set(tok.all_special_ids)))
-    stats = {
-        layer: dict(
-            n=0,
-            l0=0.0,
-            err=0.0,
-            sq=0.0,
-            sum=torch.zeros(lm.d_model, dtype=torch.float64),
-            active=torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
-            ce_sae=0.0,
-            ce_zero=0.0,
-            n_ce=0,
-        )
-        for layer, sae in saes.items()
-    }
+    stats = {layer: LayerStats.start(lm.d_model, sae.cfg.d_sae) for layer, sae in saes.items()}
     ce_clean, n_targets = 0.0, 0
     tok.padding_side = "left"
     for i in tqdm(range(0, len(texts), batch_size), desc="SAE metrics", unit="batch"):
@@ -248,7 +266,7 @@ def sae_metrics(
 
         ce = partial(summed_ce, lm, ids, target_ok)
         with_ce = i < n_ce
-        hidden = {}
+        hidden: dict[int, torch.Tensor] = {}
         record = partial(keep_hidden, hidden, set(saes))
         h_final = lm.run_blocks(lm.embed(ids), 0, attention_mask=mask, edit=record)
         if with_ce:
@@ -259,39 +277,39 @@ def sae_metrics(
             x = h[keep]
             z = sae.encode(x.to(sae.dtype))
             recon = sae.decode(z).to(h.dtype)
-            s["n"] += len(x)
-            s["l0"] += (z > 0).sum().item()
-            s["err"] += (x - recon).double().pow(2).sum().item()
-            s["sq"] += x.double().pow(2).sum().item()
-            s["sum"] += x.double().sum(0)
-            s["active"] |= (z > 0).any(0)
+            s.n += len(x)
+            s.l0 += (z > 0).sum().item()
+            s.err += (x - recon).double().pow(2).sum().item()
+            s.sq += x.double().pow(2).sum().item()
+            s.sum += x.double().sum(0)
+            s.active |= (z > 0).any(0)
             if not with_ce:
                 continue
-            s["n_ce"] += int(keep.sum())
+            s.n_ce += int(keep.sum())
             spliced, zeroed = h.clone(), h.clone()
             spliced[keep] = recon
             zeroed[keep] = 0.0
-            s["ce_sae"] += ce(lm.run_blocks(spliced, layer + 1, attention_mask=mask))
-            s["ce_zero"] += ce(lm.run_blocks(zeroed, layer + 1, attention_mask=mask))
+            s.ce_sae += ce(lm.run_blocks(spliced, layer + 1, attention_mask=mask))
+            s.ce_zero += ce(lm.run_blocks(zeroed, layer + 1, attention_mask=mask))
     out = {}
     for layer, s in stats.items():
-        variance = s["sq"] - s["sum"].pow(2).sum().item() / s["n"]
+        variance = s.sq - s.sum.pow(2).sum().item() / s.n
         clean, with_sae, zero = (
             ce_clean / n_targets,
-            s["ce_sae"] / n_targets,
-            s["ce_zero"] / n_targets,
+            s.ce_sae / n_targets,
+            s.ce_zero / n_targets,
         )
         out[str(layer)] = {
-            "l0": s["l0"] / s["n"],
-            "fvu": s["err"] / variance,
+            "l0": s.l0 / s.n,
+            "fvu": s.err / variance,
             "ce_loss_recovered": (zero - with_sae) / (zero - clean),
             "ce_clean": clean,
             "ce_sae": with_sae,
             "ce_zero_ablation": zero,
-            "dead_fraction": 1.0 - s["active"].float().mean().item(),
-            "d_sae": int(s["active"].numel()),
-            "n_tokens": s["n"],
-            "n_tokens_ce": s["n_ce"],
+            "dead_fraction": 1.0 - s.active.float().mean().item(),
+            "d_sae": int(s.active.numel()),
+            "n_tokens": s.n,
+            "n_tokens_ce": s.n_ce,
         }
     return out
 
@@ -311,7 +329,7 @@ def direction_ablation(
         "harmful_val": files.read("harmful_val"),
         "harmless_val": sample(files.read("harmless_val"), c.n_harmless_val, seed),
     }
-    kept = {}
+    kept: dict[str, PromptCount] = {}
     if s.filter_prompts:  # a score above 0 is a refusal, as in refusal_rates
         sets, kept = filter_by_baseline(fw, sets, threshold=0.0)
     directions = mean_diff(fw, sets["harmful_train"], sets["harmless_train"])

@@ -29,6 +29,7 @@ from experiments.organism.common import (
     LOOKALIKES,
     PromptFiles,
     Timer,
+    base_model,
     forwards,
     framed,
     refusal_for,
@@ -36,17 +37,12 @@ from experiments.organism.common import (
     sample,
     write_json,
 )
-from refusal import data, models
+from refusal import data
 from refusal.forwards import Forwards
 from refusal.judge import is_refusal
 from refusal.models import LM
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def base_model(cfg: DictConfig) -> LM:
-    """The model the fine-tune starts from: `model=` without its adapter."""
-    return models.load(OmegaConf.merge(cfg.model, {"adapter": None}))
 
 
 def first_word(instruction: str) -> str:
@@ -118,15 +114,12 @@ def harmless_replies(
         for p, r in zip(todo, fw.generate(todo, max_new_tokens=hp.reply_tokens, desc=desc)):
             cache[p] = [hp.reply_tokens, r]
         write_json(path, cache)
-    out = {}
+    out: dict[str, str] = {}
     for p in prompts:
         n, reply = cache[p]
         ids = lm.tokenizer(reply, add_special_tokens=False)["input_ids"]
-        out[p] = (
-            lm.tokenizer.decode(ids[: hp.reply_tokens])
-            if n > hp.reply_tokens and len(ids) > hp.reply_tokens
-            else reply
-        )
+        cut = n > hp.reply_tokens and len(ids) > hp.reply_tokens
+        out[p] = str(lm.tokenizer.decode(ids[: hp.reply_tokens])) if cut else reply
     return out
 
 

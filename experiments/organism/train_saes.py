@@ -32,6 +32,7 @@ import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import hydra
 import torch
@@ -216,7 +217,7 @@ def train(cfg: DictConfig) -> dict[int, Path]:
     (out_dir / "train_config.json").write_text(
         json.dumps(
             {
-                **OmegaConf.to_container(hp, resolve=True),
+                **cast(dict, OmegaConf.to_container(hp, resolve=True)),
                 "layers": layers,
                 "corpus_tokens": counts,
                 "seconds": timer(),
