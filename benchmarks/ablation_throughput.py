@@ -1,35 +1,40 @@
-"""Ablation-mask scoring throughput: the engine against the naive reference, side by side.
+"""Ablation-mask scoring throughput on the search's own masks: the engine against what a
+user would write without it.
 
-One process, the same prompt and masks for every variant:
-  naive                   per mask: full forward with sae-lens splice hooks + 48-token greedy
-                          generation, the assistant's turn judged by refusal markers (how
-                          earlier tooling works); the splice covers the positions the search
-                          ablates (search.ablation)
-  full_forward            per mask: hooked full forward + greedy decoding of the few tokens
-                          the opening score reads (judge.Openings)
-  batched_full_forward    a batch of masks in one hooked full forward and decoding
-  prefix_cached           the engine with batch size 1 (prefix cache + sparse latents)
-  engine                  the engine: prefix cache, sparse latents, batched masks
-plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
-the FLOPs of the layers actually run) and peak memory; the flip agreement of engine and naive
-on the masks the search itself scores (the FM's sampler around the prompt's minimal set); and
-batched greedy filtering against one-at-a-time elimination on the first `n_greedy` eval
-prompts. The naive reference is refusal.reference's. Writes outputs/bench.json (`bench.out`).
+One process, one refused prompt whose candidates flip it, and the masks the search scores
+on it, by family, recorded from the stages' own code through a probe that keeps every
+call (`Recorder`):
+  greedy    greedy filtering's batches: single removals, then prefixes (stages.greedy)
+  fm        the factorization machine's sampled masks around M (refusal.fm.sample_masks)
+  dormant   each partial M with a woken latent or a null latent ablated (stages.dormant)
+  random    the random control's draws shaped like M (stages.random_control)
+Each family's calls are timed three ways, on the same masks:
+  naive           per mask: sae-lens splice hooks + HF `generate` (up to `max_new_tokens`,
+                  stopping at the end of the turn), the reply judged by refusal markers
+  batched_hooked  the same splice, a batch of masks per HF `generate` of the few tokens the
+                  opening score reads (judge.Openings): what a careful user writes
+  engine          prefix cache (the blocks below the first edited layer run once), sparse
+                  latents (only the selected ones re-encoded), rows sharing their early
+                  blocks, batched
+and the `make run` mix: the families weighted by the evaluations a run made in each stage
+(`bench.mix_run`: a run directory, its results.jsonl; else this prompt's own counts).
+Plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
+the FLOPs of the layers actually run), peak memory, the flip agreement of engine and naive
+on the FM's masks, and batched greedy filtering against one-at-a-time elimination.
+Writes outputs/bench.json (`bench.out`).
 
 The run is set up as the search's (refusal.pipeline.setup), and the candidates of a prompt
 are the search's own (refusal.stages.greedy.candidates), read off the refusal direction that
-the search's direction stage selects (refusal.stages.direction, with `search.direction`):
-more faithful than a fixed direction, at the cost of that stage's selection passes.
+the search's direction stage selects (refusal.stages.direction, with `search.direction`).
 
 Settings: conf/bench.yaml, which composes conf/train.yaml (logger=none), so model= / sae= /
 layers= / search.* overrides work as for train.py; the benchmark's own are `bench.*`.
 
     python -m benchmarks.ablation_throughput                          # the organism
-    python -m benchmarks.ablation_throughput model=gemma2_2b_shape sae=random sae.width=16384 \
-        'layers=[2]' model.config.num_hidden_layers=4 model.config.vocab_size=49152
+    python -m benchmarks.ablation_throughput bench.mix_run=outputs/train/runs/<run>
     # on a GPU: full depth, bf16, the paper's layers, compiled blocks
     python -m benchmarks.ablation_throughput model=gemma2_2b_shape sae=random sae.width=16384 \
-        layer=gemma2_paper search.compile=true bench.n_masks=4096
+        layer=gemma2_paper search.compile=true
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ import json
 import platform
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from statistics import mean
+from typing import Any, TypeVar
 
 import hydra
 import torch
@@ -52,18 +60,19 @@ from tqdm import tqdm
 import refusal
 from refusal import fm
 from refusal.context import Context, Work
-from refusal.engine import Engine, PromptCache, PromptProbe
+from refusal.engine import Engine, PromptProbe
 from refusal.features import Feature
 from refusal.pipeline import setup
-from refusal.records import BaselineRecord, PromptResult
+from refusal.records import BaselineRecord, PromptResult, Row
 from refusal.reference import flipped, hooked_scores, naive_replies
-from refusal.stages import direction, greedy
+from refusal.rundir import RunDir
+from refusal.stages import direction, dormant, greedy, random_control
 
 CONF = str(refusal.PROJECT_ROOT / "conf")
+T = TypeVar("T")
 # The figures the targets are stated in.
 HEADLINE = (
-    "engine_evals_per_s",
-    "naive_evals_per_s",
+    "ratio_vs_batched_hooked",
     "ratio_vs_naive",
     "mfu",
     "peak_rss_gb",
@@ -71,7 +80,32 @@ HEADLINE = (
 )
 
 
-def timed(fn, n: int) -> tuple[object, float]:
+@dataclass
+class Call:
+    """One engine call of a stage: the features and the masks over them."""
+
+    features: list[Feature]
+    masks: torch.Tensor
+
+
+@dataclass
+class Recorder:
+    """A probe that scores through the engine and keeps every call (the stages' own masks)."""
+
+    probe: PromptProbe
+    calls: list[Call] = field(default_factory=list)
+
+    def score(self, features: list[Feature], masks: torch.Tensor) -> torch.Tensor:
+        self.calls.append(Call(list(features), masks.clone()))
+        return self.probe.score(features, masks)
+
+    def latents(
+        self, features: list[Feature] | None = None, mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
+        return self.probe.latents(features, mask)
+
+
+def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
     """Result and evaluations per second of fn() scoring n masks."""
     began = time.perf_counter()
     result = fn()
@@ -104,32 +138,12 @@ def matmul_peak(
     return 2 * n**3 * repeats / best
 
 
-def flops_per_eval(engine: Engine, cache, features, masks: torch.Tensor) -> float:
-    """Mean FLOPs of scoring one of `masks` (distinct rows), as the timed run scored them:
-    in batches, rows that agree on the early layers sharing those blocks."""
+def flops_of(engine: Engine, probe: PromptProbe, call: Call) -> float:
+    """FLOPs of scoring a call's masks as the timed run scored them: in batches, rows that
+    agree on the early layers sharing those blocks."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        engine.score(cache, features, masks)
-    return counter.get_total_flops() / len(masks)
-
-
-def pick_features(engine: Engine, cache: PromptCache, n: int) -> list[Feature]:
-    """The most active latents of the prompt, spread evenly over the SAE layers."""
-    latents = engine.latents(cache)
-    per_layer = max(1, n // len(latents))
-    return [
-        Feature(layer, int(i))
-        for layer, z in latents.items()
-        for i in z.max(0).values.topk(per_layer).indices
-    ]
-
-
-def mixed_masks(n: int, n_features: int, seed: int = 0) -> torch.Tensor:
-    """Distinct masks from sparse to dense: row r ablates each feature with probability
-    r/n (repeats dropped, since the engine scores a repeated row once)."""
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.linspace(0, 1, n).unsqueeze(1).expand(n, n_features)
-    rows = {tuple(row): None for row in torch.bernoulli(p, generator=gen).tolist()}
-    return torch.tensor(list(rows))
+        engine.score(probe.cache, call.features, call.masks)
+    return float(counter.get_total_flops())
 
 
 def candidates(ctx: Context, prompt_id: int, prompt: str) -> tuple[PromptProbe, list[Feature]]:
@@ -153,7 +167,7 @@ def greedy_comparison(ctx: Context, prompts: list[str]) -> dict:
         probe, features = candidates(ctx, prompt_id, prompt)
         if probe.cache.score < ctx.threshold or not features:
             continue
-        row = {"n_candidates": len(features)}
+        row: dict[str, Any] = {"n_candidates": len(features)}
         for name, method in methods.items():
             result, rate = timed(partial(method, probe, features, ctx.flip_threshold), 1)
             row[name] = {
@@ -196,14 +210,14 @@ def flip_agreement(ctx: Context, prompts: list[str], bench: DictConfig) -> dict:
         if len(sizes) == bench.n_agreement_prompts:
             break
     naive = [r["naive_flip"] for r in rows]
-    scores = torch.tensor([r["engine_score"] for r in rows])
-    engine_flips, n = (scores < ctx.flip_threshold).tolist(), bench.n_naive
+    engine_scores = torch.tensor([r["engine_score"] for r in rows])
+    engine_flips, n = (engine_scores < ctx.flip_threshold).tolist(), bench.n_naive
     return {
         "flip_agreement": agreement(naive, engine_flips),
         "flip_agreement_per_prompt": [
             agreement(naive[i : i + n], engine_flips[i : i + n]) for i in range(0, len(rows), n)
         ],
-        "flip_agreement_at_threshold": agreement(naive, (scores < ctx.threshold).tolist()),
+        "flip_agreement_at_threshold": agreement(naive, (engine_scores < ctx.threshold).tolist()),
         "n_flips_naive": sum(naive),
         "n_flips_engine": sum(engine_flips),
         "n_agreement_masks": len(rows),
@@ -212,69 +226,179 @@ def flip_agreement(ctx: Context, prompts: list[str], bench: DictConfig) -> dict:
     }
 
 
+@dataclass
+class Families:
+    """The masks each stage scores on one prompt, and the M they were drawn around."""
+
+    prompt_id: int
+    prompt: str
+    probe: PromptProbe
+    minimal: list[Feature]
+    minimal_is_real: bool  # greedy's own M; false: a stand-in (the model refuses nothing)
+    calls: dict[str, list[Call]]
+
+
+def families(ctx: Context, prompts: list[str]) -> Families:
+    """The search's masks by family, on the first prompt whose candidates flip it (greedy,
+    FM, dormant and random control run as the stages run them). Where none does (random
+    weights refuse nothing), the first prompt, with its first four candidates standing in
+    for M, so that the masks keep their shapes."""
+    fallback = None
+    for prompt_id, prompt in enumerate(prompts):
+        probe, found = candidates(ctx, prompt_id, prompt)
+        greedy_calls = Recorder(probe)
+        minimal = greedy.minimal_set(greedy_calls, found, ctx.flip_threshold).minimal
+        if minimal:
+            return _around(ctx, prompt_id, prompt, probe, minimal, True, greedy_calls.calls)
+        if fallback is None and found:
+            fallback = prompt_id, prompt, probe, found[:4], False, greedy_calls.calls
+    if fallback is None:
+        raise RuntimeError("no eval prompt has a candidate feature to benchmark on")
+    return _around(ctx, *fallback)
+
+
+def _around(
+    ctx: Context,
+    prompt_id: int,
+    prompt: str,
+    probe: PromptProbe,
+    minimal: list[Feature],
+    real: bool,
+    greedy_calls: list[Call],
+) -> Families:
+    search, seed = ctx.cfg.search, ctx.cfg.seed
+    clean = probe.latents()
+    extra = fm.extra_features(minimal, [], clean, search.fm.max_extra)
+    fm_masks = fm.sample_masks(
+        search.fm.n_masks, len(minimal), len(extra), search.fm.p_extra, seed + prompt_id
+    )
+    d = search.dormant
+    dormant_calls = Recorder(probe)
+    settings = dormant.Settings(
+        d.min_activation, d.max_candidates, d.margin, d.null_size, d.null_percentile
+    )
+    dormant.find(dormant_calls, minimal, list(ctx.engine.saes), settings, clean)
+    r = search.controls.random
+    draws = random_control.draws(
+        clean, minimal, r.n_draws, r.min_activation, torch.Generator().manual_seed(seed)
+    )
+    calls = {
+        "greedy": greedy_calls,
+        "fm": [Call(minimal + extra, fm_masks)],
+        "dormant": dormant_calls.calls,
+        "random": [Call(*random_control.masks_for(draws))] if draws else [],
+    }
+    return Families(prompt_id, prompt, probe, minimal, real, {k: v for k, v in calls.items() if v})
+
+
+def time_family(
+    ctx: Context, fam: Families, calls: list[Call], batch: int, bench: DictConfig
+) -> dict:
+    """Seconds for each way of scoring a family's masks, its masks' FLOPs on the engine,
+    and the naive rate on up to `bench.n_naive` of its masks spread over its calls."""
+    engine, probe = ctx.engine, fam.probe
+    n = sum(len(c.masks) for c in calls)
+    _, engine_rate = timed(lambda: [probe.score(c.features, c.masks) for c in calls], n)
+    _, hooked_rate = timed(
+        lambda: [hooked_scores(engine, fam.prompt, c.features, c.masks, batch) for c in calls], n
+    )
+    picks = [(c, i) for c in calls for i in range(len(c.masks))]
+    picks = [picks[int(k)] for k in torch.linspace(0, len(picks) - 1, min(bench.n_naive, n))]
+    _, naive_rate = timed(
+        lambda: [
+            naive_replies(engine, fam.prompt, c.features, c.masks[i : i + 1], bench.max_new_tokens)
+            for c, i in picks
+        ],
+        len(picks),
+    )
+    flops = sum(flops_of(engine, probe, c) for c in calls)
+    return {
+        "n_masks": n,
+        "n_calls": len(calls),
+        "evals_per_s": {"naive": naive_rate, "batched_hooked": hooked_rate, "engine": engine_rate},
+        "ratio_vs_batched_hooked": engine_rate / hooked_rate,
+        "ratio_vs_naive": engine_rate / naive_rate,
+        "engine_flops_per_eval": flops / n,
+    }
+
+
+# the stage whose evaluations (results.jsonl `evals`) each family stands for
+STAGE_OF = {
+    "greedy": "greedy",
+    "fm": "interactions",
+    "dormant": "dormant",
+    "random": "random_control",
+}
+
+
+def mix_weights(run_dir: str | None, timings: dict[str, dict]) -> dict[str, float]:
+    """Each family's share of a run's evaluations: summed per stage over a run directory's
+    results.jsonl, or (no run given) the benchmark prompt's own mask counts."""
+    if run_dir is None:
+        counts = {name: float(t["n_masks"]) for name, t in timings.items()}
+    else:
+        rows = [Row.model_validate(row) for row in RunDir(run_dir).read("results.jsonl")]
+        counts = {
+            name: float(sum(r.evals for r in rows if r.stage == STAGE_OF[name])) for name in timings
+        }
+    total = sum(counts.values())
+    return {name: c / total for name, c in counts.items()}
+
+
+def mix(timings: dict[str, dict], weights: dict[str, float], peak: float) -> dict:
+    """The families as a run mixes them: seconds per evaluation weighted by each family's
+    share, for every method, and the engine's utilisation over the mix."""
+    per_eval = {
+        method: sum(w / timings[f]["evals_per_s"][method] for f, w in weights.items())
+        for method in ("naive", "batched_hooked", "engine")
+    }
+    flops = sum(w * timings[f]["engine_flops_per_eval"] for f, w in weights.items())
+    return {
+        "weights": weights,
+        "evals_per_s": {method: 1 / s for method, s in per_eval.items()},
+        "ratio_vs_batched_hooked": per_eval["batched_hooked"] / per_eval["engine"],
+        "ratio_vs_naive": per_eval["naive"] / per_eval["engine"],
+        "mfu": flops / per_eval["engine"] / peak,
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     ctx = setup(cfg)
     engine, lm, bench = ctx.engine, ctx.lm, cfg.bench
-    prompt = ctx.prompts.eval[bench.prompt]
-    cache = engine.prepare(prompt)
-    features = pick_features(engine, cache, bench.n_features)
-    masks = mixed_masks(bench.n_masks, len(features))
-    batch = engine.tune_batch_size(cache, features)
-    n_small = min(32, len(masks))
-    naive_masks = masks[torch.linspace(0, len(masks) - 1, bench.n_naive).long()]
-
-    scores, engine_rate = timed(lambda: engine.score(cache, features, masks), len(masks))
-    _, cached_rate = timed(lambda: _unbatched(engine, cache, features, masks[:n_small]), n_small)
-    batched, batched_rate = timed(
-        lambda: hooked_scores(engine, prompt, features, masks, batch), len(masks)
-    )
-    _, full_rate = timed(
-        lambda: hooked_scores(engine, prompt, features, masks[:n_small], 1), n_small
-    )
-    replies, naive_rate = timed(
-        lambda: naive_replies(engine, prompt, features, naive_masks, bench.max_new_tokens),
-        len(naive_masks),
-    )
-
-    naive_scores = engine.score(cache, features, naive_masks)
-    engine_flips = (naive_scores < ctx.flip_threshold).tolist()
     direction.run(ctx)
-    agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
-    greedy_cmp = greedy_comparison(ctx, ctx.prompts.eval[: bench.n_greedy])
-    flop_eval = flops_per_eval(engine, cache, features, masks)
-    peak = matmul_peak(lm.device, lm.dtype)
-    rates = {
-        "naive": naive_rate,
-        "full_forward": full_rate,
-        "batched_full_forward": batched_rate,
-        "prefix_cached": cached_rate,
-        "engine": engine_rate,
+    fam = families(ctx, ctx.prompts.eval)
+    batch = engine.batch_size
+    timings = {
+        name: time_family(ctx, fam, calls, batch, bench) for name, calls in fam.calls.items()
     }
+    peak = matmul_peak(lm.device, lm.dtype)
+    for t in timings.values():
+        t["mfu"] = t["engine_flops_per_eval"] * t["evals_per_s"]["engine"] / peak
+    mixed = mix(timings, mix_weights(bench.mix_run, timings), peak)
+    fm_call = fam.calls["fm"][0]
+    parity = fam.probe.score(fm_call.features, fm_call.masks) - hooked_scores(
+        engine, fam.prompt, fm_call.features, fm_call.masks, batch
+    )
+    agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
     return {
-        "engine_evals_per_s": engine_rate,
-        "naive_evals_per_s": naive_rate,
-        "ratio_vs_naive": engine_rate / naive_rate,
-        "evals_per_s": rates,
-        "ratios_vs_naive": {k: v / naive_rate for k, v in rates.items()},
-        "mfu": flop_eval * engine_rate / peak,
-        "engine_flops_per_eval": flop_eval,
-        "engine_flops_per_s": flop_eval * engine_rate,
+        "ratio_vs_batched_hooked": mixed["ratio_vs_batched_hooked"],
+        "ratio_vs_naive": mixed["ratio_vs_naive"],
+        "mfu": mixed["mfu"],
+        "mix": mixed,
+        "families": timings,
         "matmul_peak_flops_per_s": peak,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30
         if torch.cuda.is_available()
         else None,
         **agreed,
-        # the throughput masks ablate the prompt's most active latents, most of them at once:
-        # far off the search's path, where 48 generated tokens are often degenerate
-        "flip_agreement_throughput_masks": agreement(flipped(replies), engine_flips),
-        "max_abs_diff_engine_vs_hooked": (scores - batched).abs().max().item(),
-        "greedy": greedy_cmp,
+        "max_abs_diff_engine_vs_hooked": parity.abs().max().item(),
+        "greedy": greedy_comparison(ctx, ctx.prompts.eval[: bench.n_greedy]),
+        "prompt_id": fam.prompt_id,
+        "minimal_set": [str(f) for f in fam.minimal],
+        "minimal_set_is_real": fam.minimal_is_real,
         "batch_size": batch,
-        "n_masks": len(masks),
-        "n_features": len(features),
-        "prompt_tokens": cache.input_ids.shape[1],
-        "layers_run_after_cache": lm.n_layers - engine.start - 1,
+        "prompt_tokens": fam.probe.cache.input_ids.shape[1],
         "model": cfg.model.name,
         "layers": list(cfg.layers),
         "sae_width": {layer: sae.cfg.d_sae for layer, sae in engine.saes.items()},
@@ -291,10 +415,6 @@ def agreement(a: list[bool], b: list[bool]) -> float | None:
     """Share of equal decisions (None where there are none: e.g. random weights refuse
     no prompt)."""
     return sum(x == y for x, y in zip(a, b)) / len(a) if a else None
-
-
-def _unbatched(engine: Engine, cache: PromptCache, features, masks) -> torch.Tensor:
-    return torch.cat([engine.score(cache, features, m[None]) for m in masks])
 
 
 def overrides() -> list[str]:

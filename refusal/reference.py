@@ -117,7 +117,8 @@ def replayed_scores(openings: judge.Openings, out, prompt_len: int) -> torch.Ten
 def naive_replies(
     engine: Engine, prompt: str, features: list[Feature], masks: torch.Tensor, max_new_tokens: int
 ) -> list[str]:
-    """Per mask: the edit hooked in, `max_new_tokens` greedy tokens, the assistant's turn."""
+    """Per mask: the edit hooked in, greedy tokens to the end of the turn (at most
+    `max_new_tokens`), the assistant's turn."""
     batch = engine.lm.tokenize([prompt])
     prompt_only = engine.intervention.positions == "prompt"
     replies = []
@@ -130,7 +131,7 @@ def naive_replies(
             out = engine.lm.generator.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=None,  # the reference's cost, always N tokens; nor is EOS banned
+                eos_token_id=engine.lm.end_of_turn_ids,
                 do_sample=False,
                 pad_token_id=engine.lm.tokenizer.pad_token_id,
             )

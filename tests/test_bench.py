@@ -17,7 +17,8 @@ def test_benchmark_writes_its_figures(tmp_path):
         "model=tiny_llama",
         "sae=random",
         "layer=tiny",
-        "bench.n_masks=16",
+        "search.fm.n_masks=24",
+        "search.controls.random.n_draws=8",
         "bench.n_naive=3",
         "bench.max_new_tokens=4",
         "bench.n_greedy=2",
@@ -29,19 +30,48 @@ def test_benchmark_writes_its_figures(tmp_path):
     command = [sys.executable, "-m", "benchmarks.ablation_throughput", *overrides]
     subprocess.run(command, cwd=CONF.parent, check=True, capture_output=True)
     result = json.loads(out.read_text())
-    assert {"ratio_vs_naive", "mfu", "peak_rss_gb", "flip_agreement"} <= set(result["headline"])
+    assert {"ratio_vs_batched_hooked", "ratio_vs_naive", "mfu", "peak_rss_gb"} <= set(
+        result["headline"]
+    )
     for key in (*result["headline"], "batch_size", "prompt_tokens", "device", "dtype"):
         assert result[key] is not None, key
-    assert set(result["evals_per_s"]) == {
-        "naive",
-        "full_forward",
-        "batched_full_forward",
-        "prefix_cached",
-        "engine",
-    }
+    # random weights refuse nothing: M is a stand-in, and says so
+    assert result["minimal_set_is_real"] is False and result["minimal_set"]
+    families = result["families"]
+    assert {"greedy", "fm", "random"} <= set(families)
+    assert families["fm"]["n_masks"] == 24 and families["random"]["n_masks"] == 8
+    for timing in families.values():
+        assert set(timing["evals_per_s"]) == {"naive", "batched_hooked", "engine"}
+        assert timing["ratio_vs_batched_hooked"] > 0 and 0 < timing["mfu"] < 1.5
+    mix = result["mix"]
+    assert abs(sum(mix["weights"].values()) - 1) < 1e-9
+    # the mix's rate lies between its families' slowest and fastest
+    rates = [t["evals_per_s"]["engine"] for t in families.values()]
+    assert min(rates) <= mix["evals_per_s"]["engine"] <= max(rates)
     assert result["max_abs_diff_engine_vs_hooked"] < 1e-3
     n_prompts = result["settings"]["n_agreement_prompts"]
-    assert 0 < result["mfu"] < 1.5 and result["n_agreement_masks"] == 3 * n_prompts
+    assert result["n_agreement_masks"] == 3 * n_prompts
     assert len(result["flip_agreement_per_prompt"]) == n_prompts
     assert all(isinstance(row["naive_reply"], str) for row in result["agreement_masks"])
     assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])
+
+
+def test_mix_weights_follow_a_runs_evaluations_per_stage(tmp_path):
+    from benchmarks.ablation_throughput import mix, mix_weights
+    from refusal.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    for stage, evals in [("greedy", 30), ("interactions", 60), ("dormant", 10), ("baseline", 0)]:
+        run.append("results.jsonl", {"stage": stage, "prompt_id": 0, "evals": evals})
+    timings = {
+        f: {
+            "n_masks": 1,
+            "evals_per_s": dict.fromkeys(("naive", "batched_hooked", "engine"), r),
+            "engine_flops_per_eval": 1.0,
+        }
+        for f, r in [("greedy", 1.0), ("fm", 2.0), ("dormant", 4.0)]
+    }
+    weights = mix_weights(str(tmp_path), timings)
+    assert weights == {"greedy": 0.3, "fm": 0.6, "dormant": 0.1}
+    # 0.3 / 1 + 0.6 / 2 + 0.1 / 4 seconds per evaluation
+    assert abs(mix(timings, weights, peak=1.0)["evals_per_s"]["engine"] - 1 / 0.625) < 1e-9
