@@ -43,7 +43,7 @@ import json
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -291,23 +291,32 @@ def _around(
     return Families(prompt_id, prompt, probe, minimal, real, {k: v for k, v in calls.items() if v})
 
 
-def time_family(
-    ctx: Context, fam: Families, calls: list[Call], batch: int, bench: DictConfig
-) -> dict:
+def time_family(ctx: Context, fam: Families, name: str, batch: int, bench: DictConfig) -> dict:
     """Seconds for each way of scoring a family's masks, its masks' FLOPs on the engine,
     and the naive rate on up to `bench.n_naive` of its masks spread over its calls."""
-    engine, probe = ctx.engine, fam.probe
+    engine, probe, calls = ctx.engine, fam.probe, fam.calls[name]
     n = sum(len(c.masks) for c in calls)
-    _, engine_rate = timed(lambda: [probe.score(c.features, c.masks) for c in calls], n)
+
+    def each(method: str) -> Iterable[Call]:
+        return tqdm(calls, desc=f"{name} masks, {method}", unit="call", leave=False)
+
+    _, engine_rate = timed(lambda: [probe.score(c.features, c.masks) for c in each("engine")], n)
     _, hooked_rate = timed(
-        lambda: [hooked_scores(engine, fam.prompt, c.features, c.masks, batch) for c in calls], n
+        lambda: [
+            hooked_scores(engine, fam.prompt, c.features, c.masks, batch)
+            for c in each("batched_hooked")
+        ],
+        n,
     )
-    picks = [(c, i) for c in calls for i in range(len(c.masks))]
-    picks = [picks[int(k)] for k in torch.linspace(0, len(picks) - 1, min(bench.n_naive, n))]
+    spread = [(k, i) for k, c in enumerate(calls) for i in range(len(c.masks))]
+    picks = [spread[int(j)] for j in torch.linspace(0, len(spread) - 1, min(bench.n_naive, n))]
+    naive_masks = [
+        (calls[k], [i for c, i in picks if c == k]) for k in dict.fromkeys(k for k, _ in picks)
+    ]
     _, naive_rate = timed(
         lambda: [
-            naive_replies(engine, fam.prompt, c.features, c.masks[i : i + 1], bench.max_new_tokens)
-            for c, i in picks
+            naive_replies(engine, fam.prompt, c.features, c.masks[rows], bench.max_new_tokens)
+            for c, rows in naive_masks
         ],
         len(picks),
     )
@@ -368,9 +377,7 @@ def run(cfg: DictConfig) -> dict:
     direction.run(ctx)
     fam = families(ctx, ctx.prompts.eval)
     batch = engine.batch_size
-    timings = {
-        name: time_family(ctx, fam, calls, batch, bench) for name, calls in fam.calls.items()
-    }
+    timings = {name: time_family(ctx, fam, name, batch, bench) for name in fam.calls}
     peak = matmul_peak(lm.device, lm.dtype)
     for t in timings.values():
         t["mfu"] = t["engine_flops_per_eval"] * t["evals_per_s"]["engine"] / peak
