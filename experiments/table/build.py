@@ -1,7 +1,7 @@
 """The headline table: per prompt set, how often each edit jailbreaks and what it costs.
 
     python -m experiments.table.build            # make table
-    python -m experiments.table.build table.sets.jailbreakbench.n=40
+    python -m experiments.table.build table.sets.advbench_heldout.n=16   # fewer prompts
 
 For each set of conf/table.yaml a full search run (every stage of `search.stages`,
 controls included) on its first n prompts, in <run dir>/<set>/; the refusal direction is
