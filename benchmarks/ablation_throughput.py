@@ -249,9 +249,9 @@ def families(ctx: Context, prompts: list[str]) -> Families:
         greedy_calls = Recorder(probe)
         minimal = greedy.minimal_set(greedy_calls, found, ctx.flip_threshold).minimal
         if minimal:
-            return _around(ctx, prompt_id, prompt, probe, minimal, True, greedy_calls.calls)
+            return _around(ctx, prompt_id, prompt, probe, found, minimal, True, greedy_calls.calls)
         if fallback is None and found:
-            fallback = prompt_id, prompt, probe, found[:4], False, greedy_calls.calls
+            fallback = prompt_id, prompt, probe, found, found[:4], False, greedy_calls.calls
     if fallback is None:
         raise RuntimeError("no eval prompt has a candidate feature to benchmark on")
     return _around(ctx, *fallback)
@@ -262,13 +262,15 @@ def _around(
     prompt_id: int,
     prompt: str,
     probe: PromptProbe,
+    found: list[Feature],
     minimal: list[Feature],
     real: bool,
     greedy_calls: list[Call],
 ) -> Families:
+    """The stages' masks around M, drawn as the stages draw them (`found`: the candidates)."""
     search, seed = ctx.cfg.search, ctx.cfg.seed
     clean = probe.latents()
-    extra = fm.extra_features(minimal, [], clean, search.fm.max_extra)
+    extra = fm.extra_features(minimal, found, clean, search.fm.max_extra)
     fm_masks = fm.sample_masks(
         search.fm.n_masks, len(minimal), len(extra), search.fm.p_extra, seed + prompt_id
     )
@@ -280,7 +282,11 @@ def _around(
     dormant.find(dormant_calls, minimal, list(ctx.engine.saes), settings, clean)
     r = search.controls.random
     draws = random_control.draws(
-        clean, minimal, r.n_draws, r.min_activation, torch.Generator().manual_seed(seed)
+        clean,
+        minimal,
+        r.n_draws,
+        r.min_activation,
+        random_control.seeded(seed, prompt_id),
     )
     calls = {
         "greedy": greedy_calls,

@@ -48,6 +48,11 @@ def draws(
     return out
 
 
+def seeded(seed: int, prompt_id: int) -> torch.Generator:
+    """The draws' generator for one prompt of a run: distinct per prompt, fixed by seed."""
+    return torch.Generator().manual_seed(seed * 100_003 + prompt_id)
+
+
 def masks_for(sets: list[list[Feature]]) -> tuple[list[Feature], torch.Tensor]:
     """The features of all sets in first-seen order, and one mask row per set."""
     features = list(dict.fromkeys(f for s in sets for f in s))
@@ -61,7 +66,7 @@ def masks_for(sets: list[list[Feature]]) -> tuple[list[Feature], torch.Tensor]:
 def run(ctx: Context, work: Work) -> RandomControlRecord:
     cfg, greedy = ctx.cfg.search.controls.random, work.result.greedy
     assert greedy is not None
-    generator = torch.Generator().manual_seed(ctx.cfg.seed * 100_003 + work.result.prompt_id)
+    generator = seeded(ctx.cfg.seed, work.result.prompt_id)
     sets = draws(work.clean, greedy.minimal, cfg.n_draws, cfg.min_activation, generator)
     record = RandomControlRecord(prompt_id=work.result.prompt_id, n_draws=len(sets))
     if not sets:
