@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from refusal.context import Context, Work
 from refusal.features import Feature, Probe
@@ -31,6 +32,13 @@ class Settings:
     margin: float  # score drop that counts
     null_size: int  # matched latents in the null per (setting, layer)
     null_percentile: float  # the drop must exceed this percentile of the null's
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Settings:
+        """From `search.dormant`."""
+        return cls(
+            cfg.min_activation, cfg.max_candidates, cfg.margin, cfg.null_size, cfg.null_percentile
+        )
 
 
 def settings_of(minimal: list[Feature]) -> list[list[Feature]]:
@@ -155,10 +163,7 @@ def confirm(ctx: Context, work: Work, found: list[DormantFeature]) -> list[Dorma
 def run(ctx: Context, work: Work) -> DormantRecord:
     cfg, greedy = ctx.cfg.search.dormant, work.result.greedy
     assert greedy is not None
-    settings = Settings(
-        cfg.min_activation, cfg.max_candidates, cfg.margin, cfg.null_size, cfg.null_percentile
-    )
-    found = find(work.probe, greedy.minimal, list(ctx.engine.saes), settings, work.clean)
+    found = find(work.probe, greedy.minimal, list(ctx.engine.saes), Settings.of(cfg), work.clean)
     return DormantRecord(prompt_id=work.result.prompt_id, features=confirm(ctx, work, found))
 
 
