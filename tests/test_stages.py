@@ -14,10 +14,11 @@ class Oracle:
     """A probe whose refusal score is a planted function of which features are ablated."""
 
     def __init__(self, fn, latents=None):
-        self.fn, self._latents, self.calls = fn, latents, 0
+        self.fn, self._latents, self.calls, self.rows = fn, latents, 0, 0
 
     def score(self, features, masks):
         self.calls += 1
+        self.rows += len(masks)
         return torch.tensor(
             [self.fn({f for f, m in zip(features, row) if m}) for row in masks.tolist()]
         )
@@ -118,6 +119,26 @@ def test_dormant_finds_planted_backup_and_nothing_else():
     assert d.null_percentile == 100.0 and d.null_size == 20
     # the weak latent passes the margin but not the null; the opposite one has the wrong sign
     assert dormant.settings_of([m1, m2]) == [[m2], [m1]]
+
+
+def test_dormant_skips_the_null_where_no_woken_latent_lowers_refusal():
+    """A latent that wakes under a partial M but raises refusal when ablated: its row and
+    the setting's are scored, the 20 null latents are not (they could only reject)."""
+    m1, m2, opposite, null = Feature(1, 3), Feature(1, 4), 11, list(range(20, 40))
+
+    def latents(ablated):
+        layer2 = torch.zeros(4, 64)
+        layer2[:, null] = 2.0
+        if m1 in ablated:
+            layer2[2, opposite] = 2.0
+        return {1: torch.ones(4, 64), 2: layer2}
+
+    oracle = Oracle(lambda s: 1.0 + 1.5 * (Feature(2, opposite) in s), latents)
+    settings = dormant.Settings(
+        min_activation=0.5, max_candidates=8, margin=0.5, null_size=20, null_percentile=95
+    )
+    assert dormant.find(oracle, [m1, m2], [1, 2], settings) == []
+    assert oracle.rows == 2
 
 
 def test_classifier_answers():

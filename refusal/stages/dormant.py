@@ -14,6 +14,7 @@ judged to confirm the effect.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,25 +86,24 @@ def _at_layer(
     ablated: torch.Tensor,
     settings: Settings,
 ) -> list[DormantFeature]:
-    """The woken latents at one layer under one setting, each scored against the null."""
+    """The woken latents at one layer under one setting, each scored against the null.
+
+    The null is scored only where a woken latent lowers refusal by the margin: it can only
+    reject such latents, never admit one, so elsewhere it would change nothing."""
     before, after = clean.max(0).values, ablated.max(0).values
     woken = _strongest(
         (before <= 0) & (after > settings.min_activation), after, settings.max_candidates
     )
     if not woken:
         return []
+    base, *scores = _scores(probe, setting, layer, [None, *woken])
+    drops = [base - s for s in scores]
+    if max(drops) <= settings.margin:
+        return []
     pool = (before > 0) & (after > settings.min_activation)
     pool[[f.latent for f in setting if f.layer == layer]] = False  # already ablated
     null = _matched(after, pool, woken, settings.null_size)
-    latents = woken + null
-    features = setting + [Feature(layer, i) for i in latents]
-    masks = torch.zeros(len(latents) + 1, len(features))
-    masks[:, : len(setting)] = 1
-    for row in range(len(latents)):
-        masks[row + 1, len(setting) + row] = 1
-    scores = probe.score(features, masks).tolist()
-    drops = [scores[0] - s for s in scores[1:]]
-    null_drops = torch.tensor(drops[len(woken) :])
+    null_drops = torch.tensor([base - s for s in _scores(probe, setting, layer, null)])
     found = []
     for latent, drop in zip(woken, drops):
         percentile = 100.0 * (null_drops < drop).float().mean().item() if len(null) else 100.0
@@ -115,14 +115,31 @@ def _at_layer(
                 setting=setting,
                 before=before[latent].item(),
                 after=after[latent].item(),
-                score_without=scores[0],
-                score_with=scores[0] - drop,
+                score_without=base,
+                score_with=base - drop,
                 effect=-drop,
                 null_percentile=percentile,
                 null_size=len(null),
             )
         )
     return found
+
+
+def _scores(
+    probe: Probe, setting: list[Feature], layer: int, latents: Sequence[int | None]
+) -> list[float]:
+    """The opening score with `setting` ablated and, row by row, each of `latents` at
+    `layer` as well (None: the setting alone), in one batch."""
+    if not latents:
+        return []
+    extra = [i for i in latents if i is not None]
+    features = setting + [Feature(layer, i) for i in extra]
+    masks = torch.zeros(len(latents), len(features))
+    masks[:, : len(setting)] = 1
+    for row, i in enumerate(latents):
+        if i is not None:
+            masks[row, len(setting) + extra.index(i)] = 1
+    return probe.score(features, masks).tolist()
 
 
 def _strongest(where: torch.Tensor, acts: torch.Tensor, limit: int) -> list[int]:
