@@ -194,6 +194,22 @@ def _draw(
     return torch.cat([minimal, extra], 1).float()
 
 
+def fit_points(n_masks: int, step: int) -> list[int]:
+    """How many masks are scored when each fit of sequential sampling is made: every
+    `step`, and all of them last (one fit on all when step >= n_masks)."""
+    return [*range(step, n_masks, step), n_masks]
+
+
+def settled(readout: FMReadout, stop_gain: float) -> bool:
+    """Whether more masks could no longer show an interaction worth calling: the gain is
+    not significant and its interval lies wholly below `stop_gain`. Stopping early then
+    only ever ends on "no interaction", so it cannot raise the chance of calling one that
+    is not there; it gives up only gains smaller than `stop_gain`. A test split of one
+    class (no interval) never settles."""
+    interval = readout.gain_interval
+    return interval is not None and interval[1] < stop_gain and not readout.interactions_significant
+
+
 def distinct(masks: torch.Tensor) -> torch.Tensor:
     """The rows of masks in first-seen order, repeats dropped (torch.unique would sort)."""
     rows = dict.fromkeys(tuple(row) for row in masks.tolist())

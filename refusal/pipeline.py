@@ -67,6 +67,9 @@ def validate(cfg: DictConfig) -> None:
             f"search.fm.val={val} and search.fm.test={test} must be shares above 0 that "
             "leave masks to train on (val + test < 1)."
         )
+    step = cfg.search.fm.sample_step
+    if not (isinstance(step, int) and step > 0):
+        raise ConfigError(f"search.fm.sample_step={step} is not a positive number of masks.")
     stages.check(list(cfg.search.stages))
     model = cfg.judge.verdict_model
     if model is not None and not Path(model).is_file():

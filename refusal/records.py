@@ -143,7 +143,8 @@ class FMReadout(Model):
 class InteractionsRecord(Row, FMReadout):
     stage: Literal["interactions"] = "interactions"
     features: list[FeatureField]  # M, then the extra features sampled beside it
-    n_masks: int  # masks asked for (search.fm.n_masks); n_distinct_masks were drawn
+    n_masks: int  # masks asked for (search.fm.n_masks); n_distinct_masks were scored
+    fits: int = 1  # fits of sequential sampling (search.fm.sample_step) before it settled
     flip_fraction: float
 
 

@@ -118,6 +118,21 @@ def test_fm_recovers_the_pair_of_a_planted_and_with_either_target(tmp_path):
         assert not out.interactions_significant
 
 
+def test_sequential_sampling_stops_only_where_no_interaction_can_show(tmp_path):
+    assert fm.fit_points(768, 256) == [256, 512, 768]
+    assert fm.fit_points(700, 256) == [256, 512, 700]
+    assert fm.fit_points(96, 256) == [96]  # a step past n_masks: one fit on all
+    masks = fm.sample_masks(600, 2, 8, 0.5, seed=0)
+    planted = fit(masks, planted_pair(masks), tmp_path / "pair")
+    assert not fm.settled(planted, 0.01)  # a real interaction keeps sampling
+    none = fit(masks, additive(masks), tmp_path / "additive")
+    lo, hi = none.gain_interval
+    assert fm.settled(none, hi + 1e-6) and not fm.settled(none, hi)
+    assert not fm.settled(none.model_copy(update={"gain_interval": None}), 1.0)  # one class
+    significant = none.model_copy(update={"gain_interval": (0.001, 0.002)})
+    assert not fm.settled(significant.model_copy(update={"interactions_significant": True}), 1.0)
+
+
 def test_a_test_split_of_one_class_has_no_auc(tmp_path):
     masks = fm.sample_masks(64, 2, 8, 0.5, seed=0)
     out = fit(
@@ -186,3 +201,8 @@ def test_fits_are_quiet_but_keep_warnings(tmp_path, caplog):
     fit(masks, planted_pair(masks), tmp_path)
     assert not any("available" in r.getMessage() for r in caplog.records)
     assert fm.logging.getLogger(fm.CHATTY[0]).level == level  # restored after the fit
+
+
+def test_a_sample_step_that_is_not_positive_is_a_config_error():
+    with pytest.raises(ConfigError, match="search.fm.sample_step"):
+        pipeline.validate(make_cfg(["search.fm.sample_step=0"]))

@@ -38,7 +38,9 @@ def threshold(tmp_path_factory) -> float:
 @pytest.mark.slow
 def test_every_stage_runs_end_to_end(tmp_path, flipping):
     threshold, marker = flipping
-    cfg = make_cfg([*TINY, "logger=none", f"judge.threshold={threshold}"], tmp_path)
+    # the FM samples its 64 masks 32 at a time
+    overrides = [*TINY, "logger=none", f"judge.threshold={threshold}", "search.fm.sample_step=32"]
+    cfg = make_cfg(overrides, tmp_path)
     with open_dict(cfg):
         cfg.judge.markers = [marker]
     pipeline.run(cfg)
@@ -107,6 +109,9 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
         assert row.capability.harmless_kl >= 0 and isinstance(row.dormant.features, list)
         saved = torch.load(tmp_path / "fm" / f"prompt_{row.prompt_id}" / "masks.pt")
         assert saved["features"] == [str(f) for f in row.interactions.features]
+        assert (
+            len(saved["masks"]) == 32 * row.interactions.fits == row.interactions.n_distinct_masks
+        )
         rescored = probe.score([Feature.parse(f) for f in saved["features"]], saved["masks"])
         assert torch.allclose(rescored, saved["scores"], atol=1e-4)  # the FM's data, as scored
     checks = ControlsRecord.model_validate_json((tmp_path / "controls.json").read_text())
