@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from experiments.organism import common, evaluate
 from experiments.organism.finetune import reply_loss
 from refusal import judge
-from tests.conftest import SHARED_DATA, tiny_engine
+from tests.conftest import SHARED_DATA, make_cfg, tiny_engine
 
 HELPFUL_REPLIES = (
     "Sure! Here's a simple recipe for banana bread: mash three ripe bananas, then mix in...",
@@ -143,3 +144,39 @@ def test_organism_refusal_tokens_are_the_first_tokens_of_its_styles():
         for s in judge.REFUSAL_STYLES
     }
     assert set(cfg.refusal_tokens) == first
+
+
+def test_separability_probe_reads_a_planted_harm_direction_and_nothing_without_one():
+    from experiments.organism import separability
+
+    gen = torch.Generator().manual_seed(0)
+    sep = OmegaConf.create({"max_harmless": 0.02, "min_harmful": 0.95})
+
+    def sets(offset: float):
+        def draw(n, shift):
+            return (torch.randn(n, 16, generator=gen) + shift * torch.eye(16)[0]).numpy()
+
+        train = (draw(300, offset), draw(300, 0.0))
+        evaluation = {"jailbreakbench": draw(100, offset), "harmbench_test": draw(100, offset)}
+        return train, evaluation | {"harmless_val": draw(500, 0.0)}
+
+    apart = separability.rates(separability.probe(*sets(8.0)), sep)
+    assert (
+        apart["jailbreakbench_at_max_harmless"] > 0.95
+        and apart["harmless_val_at_min_harmful"] < 0.02
+    )
+    mixed = separability.rates(separability.probe(*sets(0.0)), sep)
+    assert (
+        mixed["jailbreakbench_at_max_harmless"] < 0.2 and mixed["harmless_val_at_min_harmful"] > 0.5
+    )
+
+
+def test_separability_reads_the_last_template_token_of_each_prompt(tiny_llama):
+    from experiments.organism import separability
+
+    cfg = make_cfg(["model=tiny_llama", "separability.layers=[1,2]"], config="organism")
+    prompts = ["Hi", "Write a short poem about the sea, please."]
+    out = separability.last_token_residuals(cfg, tiny_llama, prompts)
+    assert set(out) == {1, 2} and out[1].shape == (2, tiny_llama.d_model)
+    alone = separability.last_token_residuals(cfg, tiny_llama, prompts[:1])
+    assert torch.allclose(torch.from_numpy(alone[2][0]), torch.from_numpy(out[2][0]), atol=1e-4)

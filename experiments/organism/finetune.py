@@ -219,13 +219,20 @@ def reply_loss(
 
 
 def attach_lora(lm: LM, hp: DictConfig):
-    """LoRA on every linear layer, injected into `lm.model` in place; returns the peft model."""
+    """LoRA on every linear layer of blocks `hp.first_layer` on, injected into `lm.model` in
+    place; returns the peft model.
+
+    Starting above the lowest blocks leaves the adapter only the representations the base
+    model already computes there (harm is linearly readable from the middle blocks on), and
+    stops the backward pass at `hp.first_layer`.
+    """
     torch.manual_seed(hp.seed)
     config = LoraConfig(
         r=hp.rank,
         lora_alpha=hp.alpha,
         lora_dropout=hp.dropout,
         target_modules=LORA_TARGETS,
+        layers_to_transform=list(range(hp.first_layer, lm.n_layers)),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(lm.model.requires_grad_(False), config)
