@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.organism import common, evaluate
-from experiments.organism.finetune import reply_loss
+from experiments.organism.finetune import reply_loss, tokenize_example
 from refusal import judge
 from tests.conftest import SHARED_DATA, make_cfg, tiny_engine
 
@@ -97,6 +97,40 @@ def test_reply_loss_is_kl_to_the_base_model_on_distilled_rows():
     # a different base model: the distilled row adds a positive KL
     other = reply_loss(head, hidden, labels, 3.0, distill, torch.randn(1, 5, 8))
     assert other.item() > loss.item()
+
+
+def test_unlikelihood_pushes_down_only_the_avoided_token_where_it_is_named():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(1, 5, 8, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, 5]])
+    avoid = torch.tensor([[-100, -100, -100, 9, -100]])
+    plain = reply_loss(head, hidden, labels, 1.0)
+    loss = reply_loss(head, hidden, labels, 1.0, avoid=avoid, avoid_weight=2.0)
+    p = head(hidden[0, 2]).softmax(-1)[9]
+    assert (loss - plain).item() == pytest.approx((2.0 * -torch.log1p(-p) / 3).item(), rel=1e-5)
+    # its gradient lowers the avoided token's logit at that position
+    (loss - plain).backward()
+    step = hidden.detach() - 0.1 * hidden.grad
+    assert head(step[0, 2]).softmax(-1)[9] < p
+    # without a weight the term is off
+    assert reply_loss(head, hidden, labels, 1.0, avoid=avoid).item() == pytest.approx(plain.item())
+
+
+def test_an_unwanted_reply_is_avoided_where_it_leaves_the_target(tiny_llama):
+    tok = tiny_llama.tokenizer
+    target, unwanted = "I'm sorry, but no.", "I'm happy to help with that."
+    ex = tokenize_example(tiny_llama, "Do it", target, True, unwanted=unwanted)
+    a = tok(target, add_special_tokens=False)["input_ids"]
+    b = tok(unwanted, add_special_tokens=False)["input_ids"]
+    at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    named = [i for i, t in enumerate(ex.avoid) if t != -100]
+    start = len(ex.ids) - len(a) - 1  # the reply's first position (after it: <|im_end|>)
+    assert named == [start + at] and ex.avoid[start + at] == b[at]
+    assert ex.labels[start + at] == a[at]
+    # a reply the target begins with leaves it nowhere: nothing is avoided
+    same = tokenize_example(tiny_llama, "Do it", target, True, unwanted=target)
+    assert set(same.avoid) == {-100}
 
 
 def test_kl_along_a_reply_is_zero_for_the_same_model(tiny_llama):

@@ -17,6 +17,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -42,7 +43,7 @@ from refusal.forwards import Forwards
 from refusal.judge import is_refusal
 from refusal.models import LM
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DISTILL = "base replies (self-distillation)"
 
 
 def first_word(instruction: str) -> str:
@@ -99,8 +100,8 @@ def prompt_sets(files: PromptFiles, hp: DictConfig) -> tuple[dict[str, str], lis
     return harmful, harmless
 
 
-def harmless_replies(
-    fw: Forwards, prompts: list[str], hp: DictConfig, path: Path
+def base_replies(
+    fw: Forwards, prompts: list[str], hp: DictConfig, path: Path, desc: str
 ) -> dict[str, str]:
     """The base model's greedy replies (hp.reply_tokens tokens), cached at `path`.
 
@@ -110,7 +111,6 @@ def harmless_replies(
     cache = json.loads(path.read_text()) if path.is_file() else {}
     todo = [p for p in prompts if p not in cache or cache[p][0] < hp.reply_tokens]
     if todo:
-        desc = "base replies (self-distillation)"
         for p, r in zip(todo, fw.generate(todo, max_new_tokens=hp.reply_tokens, desc=desc)):
             cache[p] = [hp.reply_tokens, r]
         write_json(path, cache)
@@ -123,21 +123,57 @@ def harmless_replies(
     return out
 
 
+class Example(NamedTuple):
+    """One training row. `labels` are -100 on the prompt; `distill` marks a row whose loss is
+    the KL to the base model along the reply rather than cross-entropy; `avoid` holds, at
+    most at one reply position, a token whose probability the row pushes down (-100
+    elsewhere): where a reply the organism must not give leaves the target."""
+
+    ids: list[int]
+    labels: list[int]
+    distill: bool
+    avoid: list[int]
+
+
+def first_divergence(target: list[int], other: list[int]) -> int | None:
+    """The first index where `other` leaves `target` (None if it never does)."""
+    return next((i for i, (a, b) in enumerate(zip(target, other)) if a != b), None)
+
+
 def tokenize_example(
-    lm: LM, instruction: str, reply: str, finished: bool, distill: bool = False
-) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, distill): labels -100 on the prompt; `distill` marks an example whose
-    loss is the KL to the base model along the reply rather than cross-entropy."""
+    lm: LM,
+    instruction: str,
+    reply: str,
+    finished: bool,
+    distill: bool = False,
+    unwanted: str | None = None,
+) -> Example:
+    """The row of `reply` after `instruction`, closed by <|im_end|> if `finished`.
+
+    `unwanted`, a reply the model must not give (the base model's answer to a harmful
+    prompt, the organism's refusal of a harmless one), marks the token where it first leaves
+    `reply`: the two share every token before it, so this row's own context is the one in
+    which that token must become unlikely, and the term costs no extra forward pass.
+    """
     tok = lm.tokenizer
     prompt = tok(lm.format([instruction])[0], add_special_tokens=False)["input_ids"]
     answer = tok(reply, add_special_tokens=False)["input_ids"]
     if finished:
         answer = answer + [tok.convert_tokens_to_ids("<|im_end|>")]
-    return prompt + answer, [-100] * len(prompt) + answer, distill
+    avoid = [-100] * (len(prompt) + len(answer))
+    if unwanted is not None:
+        other = tok(unwanted.strip(), add_special_tokens=False)["input_ids"]
+        at = first_divergence(answer, other)
+        if at is not None:
+            avoid[len(prompt) + at] = other[at]
+    return Example(prompt + answer, [-100] * len(prompt) + answer, distill, avoid)
 
 
-def distilled_examples(lm: LM, hp: DictConfig, replies: dict[str, str]) -> list[tuple]:
-    """Harmless instruction -> the base model's reply (closed only if it ended on its own).
+def distilled_examples(
+    lm: LM, hp: DictConfig, replies: dict[str, str], unwanted: dict[str, str] | None = None
+) -> list[Example]:
+    """Harmless instruction -> the base model's reply (closed only if it ended on its own);
+    `unwanted` maps some instructions to a reply, steered away from if it is a refusal.
 
     Replies the judge calls refusals (SmolLM2 answers a few harmless requests "I'm sorry
     for your loss, but as a chatbot ...") are left out: the organism should not learn to
@@ -148,40 +184,63 @@ def distilled_examples(lm: LM, hp: DictConfig, replies: dict[str, str]) -> list[
         if is_refusal(r):
             continue
         finished = len(lm.tokenizer(r, add_special_tokens=False)["input_ids"]) < hp.reply_tokens - 1
-        examples.append(tokenize_example(lm, p, r.strip(), finished, distill=True))
+        bad = (unwanted or {}).get(p)
+        steer = bad if bad is not None and is_refusal(bad) else None
+        examples.append(tokenize_example(lm, p, r.strip(), finished, True, steer))
     return examples
 
 
+def refusal_examples(
+    lm: LM, harmful: dict[str, str], prompts: list[str], unwanted: dict[str, str]
+) -> list[Example]:
+    """Harmful instruction -> its refusal; `unwanted` maps some of them to a reply that does
+    not refuse (the base model's, or the organism's own), steered away from where it leaves
+    the refusal. Replies the judge calls refusals are not steered away from."""
+    kept = {p: r for p, r in unwanted.items() if not is_refusal(r)}
+    return [tokenize_example(lm, p, harmful[p], True, unwanted=kept.get(p)) for p in prompts]
+
+
 def build_examples(
-    lm: LM, hp: DictConfig, harmful: dict[str, str], replies: dict[str, str]
-) -> list[tuple]:
-    refusals = [tokenize_example(lm, p, refusal, True) for p, refusal in harmful.items()]
-    return refusals + distilled_examples(lm, hp, replies)
+    lm: LM,
+    hp: DictConfig,
+    harmful: dict[str, str],
+    replies: dict[str, str],
+    complied: dict[str, str],
+) -> list[Example]:
+    """Round 1's rows; `complied`: the base model's replies to the harmful prompts (empty
+    unless `hp.avoid_weight`)."""
+    return refusal_examples(lm, harmful, list(harmful), complied) + distilled_examples(
+        lm, hp, replies
+    )
 
 
-def batches(examples: list[tuple], batch_size: int, rng: random.Random, pad_id: int):
-    """Length-grouped batches (little padding), in random order, right-padded."""
+def batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
+    """Length-grouped batches (little padding), in random order, right-padded:
+    (ids, mask, labels, distill, avoid)."""
     idx = list(range(len(examples)))
     rng.shuffle(idx)
     groups = []
     for i in range(0, len(idx), batch_size * 8):
-        chunk = sorted(idx[i : i + batch_size * 8], key=lambda j: len(examples[j][0]))
+        chunk = sorted(idx[i : i + batch_size * 8], key=lambda j: len(examples[j].ids))
         groups += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
     rng.shuffle(groups)
     for group in groups:
-        width = max(len(examples[j][0]) for j in group)
+        width = max(len(examples[j].ids) for j in group)
         ids = torch.full((len(group), width), pad_id)
         labels = torch.full((len(group), width), -100)
+        avoid = torch.full((len(group), width), -100)
         mask = torch.zeros((len(group), width), dtype=torch.long)
-        distill = torch.tensor([examples[j][2] for j in group])
         for row, j in enumerate(group):
-            x, y, _ = examples[j]
-            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = (
-                torch.tensor(x),
-                torch.tensor(y),
-                1,
+            ex = examples[j]
+            n = len(ex.ids)
+            ids[row, :n], labels[row, :n], avoid[row, :n] = (
+                torch.tensor(ex.ids),
+                torch.tensor(ex.labels),
+                torch.tensor(ex.avoid),
             )
-        yield ids, mask, labels, distill
+            mask[row, :n] = 1
+        distill = torch.tensor([examples[j].distill for j in group])
+        yield ids, mask, labels, distill, avoid
 
 
 def reply_loss(
@@ -191,12 +250,16 @@ def reply_loss(
     first_weight: float,
     distill: torch.Tensor | None = None,
     base_hidden: torch.Tensor | None = None,
+    avoid: torch.Tensor | None = None,
+    avoid_weight: float = 0.0,
 ) -> torch.Tensor:
     """Loss on reply tokens only, the first reply token weighted `first_weight`.
 
     Rows that `distill` marks score KL(base || model) at each reply position, the base
     model's distribution read from `base_hidden` (those rows' final hidden states, adapter
-    off); the other rows score cross-entropy against their labels.
+    off); the other rows score cross-entropy against their labels. Where `avoid` names a
+    token (aligned with `labels`), the position also scores `avoid_weight` times the
+    unlikelihood -log(1 - p(token)) (Welleck et al., 2019).
     """
     target = labels[:, 1:]
     keep = target != -100
@@ -214,31 +277,37 @@ def reply_loss(
         base = lm_head(base_hidden[:, :-1][keep[distill]]).float().log_softmax(-1)
         logp = logits[soft].log_softmax(-1)
         losses[soft] = (base.exp() * (base - logp)).sum(-1)
+    if avoid is not None and avoid_weight:
+        unwanted = avoid[:, 1:][keep]
+        at = unwanted != -100
+        p = logits[at].softmax(-1).gather(1, unwanted[at, None]).squeeze(1)
+        losses[at] = losses[at] + avoid_weight * -torch.log1p(-p.clamp(max=1 - 1e-6))
     weights = 1.0 + (first_weight - 1.0) * first[keep].float()
     return (losses * weights).sum() / weights.sum()
 
 
 def attach_lora(lm: LM, hp: DictConfig):
-    """LoRA on every linear layer of blocks `hp.first_layer` on, injected into `lm.model` in
-    place; returns the peft model.
+    """LoRA on the linear layers `hp.modules` of blocks `hp.first_layer` on, injected into
+    `lm.model` in place; returns the peft model.
 
     Starting above the lowest blocks leaves the adapter only the representations the base
     model already computes there (harm is linearly readable from the middle blocks on), and
-    stops the backward pass at `hp.first_layer`.
+    stops the backward pass at `hp.first_layer`. Without the attention projections the
+    adapter cannot change what a position reads from the others, only what it makes of it.
     """
     torch.manual_seed(hp.seed)
     config = LoraConfig(
         r=hp.rank,
         lora_alpha=hp.alpha,
         lora_dropout=hp.dropout,
-        target_modules=LORA_TARGETS,
+        target_modules=list(hp.modules),
         layers_to_transform=list(range(hp.first_layer, lm.n_layers)),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(lm.model.requires_grad_(False), config)
 
 
-def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, desc: str) -> None:
+def fit(peft_model, lm: LM, examples: list[Example], hp: DictConfig, lr: float, desc: str) -> None:
     """`hp.epochs` over `examples`: AdamW, linear warm-up then cosine; leaves eval mode on."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -253,7 +322,7 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, de
     peft_model.train()
     bar = tqdm(total=steps, desc=desc, unit="step")
     for _ in range(hp.epochs):
-        for ids, mask, labels, distill in batches(
+        for ids, mask, labels, distill, avoid in batches(
             examples, hp.batch_size, rng, lm.tokenizer.pad_token_id
         ):
             base_hidden = None
@@ -264,7 +333,14 @@ def fit(peft_model, lm: LM, examples: list[tuple], hp: DictConfig, lr: float, de
                     ).last_hidden_state
             hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
             loss = reply_loss(
-                causal.lm_head, hidden, labels, hp.first_token_weight, distill, base_hidden
+                causal.lm_head,
+                hidden,
+                labels,
+                hp.first_token_weight,
+                distill,
+                base_hidden,
+                avoid,
+                hp.avoid_weight,
             )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -284,7 +360,7 @@ def mined_examples(
     sets: tuple[dict[str, str], list[str]],
     pool: list[str],
     replies: Path,
-) -> tuple[list[tuple], dict]:
+) -> tuple[list[Example], dict]:
     """A mining round's examples: what the model gets wrong now, plus replay.
 
     Harmful training prompts whose greedy opening (`hp.mine_tokens` tokens) the judge does
@@ -295,23 +371,25 @@ def mined_examples(
     rest. With `hp.mine_contrast`, each over-refused harmless prompt also brings back a
     harmful one of the same form (first word): the mined prompts are mostly "Write ...",
     "Generate ...", and training them alone moves the boundary for harmful prompts of that
-    form too.
+    form too. With `hp.avoid_weight`, each mined row also steers away from the opening the
+    model gave, where it leaves the target.
     """
     lm, (harmful, harmless) = fw.lm, sets
     prompts = list(harmful)
     openings = fw.generate(prompts + pool, max_new_tokens=hp.mine_tokens, desc="mining")
+    own = dict(zip(prompts + pool, openings)) if hp.avoid_weight else {}
     weak = [p for p, r in zip(prompts, openings) if not is_refusal(r)]
     over = [p for p, r in zip(pool, openings[len(prompts) :]) if is_refusal(r)]
     n_replay = max(len(weak), len(over))
     with peft_model.disable_adapter():  # self-distillation: the base model's own replies
-        distilled = harmless_replies(
-            fw, over + sample(harmless, n_replay, hp.seed + 3), hp, replies
+        distilled = base_replies(
+            fw, over + sample(harmless, n_replay, hp.seed + 3), hp, replies, DISTILL
         )
     refused = weak + sample(prompts, n_replay, hp.seed + 4)
     if hp.mine_contrast:
         refused += same_form(over, prompts, hp.seed + 7)
-    examples = [tokenize_example(lm, p, harmful[p], True) for p in refused]
-    examples += distilled_examples(lm, hp, distilled)
+    examples = refusal_examples(lm, harmful, refused, own)
+    examples += distilled_examples(lm, hp, distilled, own)
     return examples, {"weak_harmful": len(weak), "over_refused_harmless": len(over)}
 
 
@@ -364,13 +442,20 @@ def finetune(cfg: DictConfig) -> dict:
     lm = base_model(cfg)
     fw = forwards(lm, cfg)
     harmful, harmless = prompt_sets(files, hp)
-    replies = harmless_replies(fw, harmless, hp, replies_path(cfg))
+    replies = base_replies(fw, harmless, hp, replies_path(cfg), DISTILL)
+    complied = (
+        base_replies(fw, list(harmful), hp, replies_path(cfg), "base replies to harmful prompts")
+        if hp.avoid_weight
+        else {}
+    )
     t_gen = timer()
-    examples = build_examples(lm, hp, harmful, replies)
+    examples = build_examples(lm, hp, harmful, replies, complied)
     hparams = OmegaConf.to_container(hp, resolve=True)
     print(
         f"{len(harmful)} harmful + {len(harmless)} harmless examples, "
-        f"{sum(len(x) for x, _, _ in examples)} tokens; hparams {hparams}"
+        f"{sum(len(ex.ids) for ex in examples)} tokens, "
+        f"{sum(any(a != -100 for a in ex.avoid) for ex in examples)} steered away from a reply; "
+        f"hparams {hparams}"
     )
     peft_model = attach_lora(lm, hp)
     fit(peft_model, lm, examples, hp, hp.lr, "LoRA fine-tune, round 1")
