@@ -233,6 +233,7 @@ class EditCost(Model):
     delta_ce: float  # mean rise in per-token cross-entropy of the model's own clean replies
     harmless_refusal_rate: float  # the judge on replies generated under the edit
     n_prompts: int
+    n_edits: int = 1  # edits averaged (ControlsRecord's means)
 
 
 class TransferMatrix(Model):
@@ -303,8 +304,9 @@ class ControlsRecord(Model):
     transfer: TransferMatrix | None = None
     shared: SharedSet | None = None
     direction: DirectionControl | None = None
-    minimal_cost: EditCost | None = None  # the per-prompt Ms' costs, averaged
-    random_cost: EditCost | None = None  # each M's first random draw's, averaged
+    # the per-prompt Ms' costs, averaged (over a seeded sample of search.capability.max_sets)
+    minimal_cost: EditCost | None = None
+    random_cost: EditCost | None = None  # the same Ms' first random draws', averaged
 
 
 class DirectionScore(Model):

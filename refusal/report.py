@@ -448,19 +448,25 @@ def controls_table(checks: ControlsRecord, summary: Summary) -> pd.DataFrame:
     rows = []
 
     def add(edit: str, rate: float | None, cost: EditCost | None, note: str) -> None:
-        costs = cost.model_dump(exclude={"n_prompts"}) if cost else {}
+        costs = cost.model_dump(exclude={"n_prompts", "n_edits"}) if cost else {}
         rows.append({"edit": edit, "jailbreak_rate": rate, **costs, "note": note})
 
     clean = checks.clean_harmless_refusal_rate
     if clean is not None:
         none = EditCost(harmless_kl=0.0, delta_ce=0.0, harmless_refusal_rate=clean, n_prompts=0)
         add("no edit", None, none, "the harmless prompts, clean")
-    add("each prompt's M", summary.jailbreak_rate, checks.minimal_cost, "of the refused prompts")
+    m_cost, r_cost = checks.minimal_cost, checks.random_cost
+    add(
+        "each prompt's M",
+        summary.jailbreak_rate,
+        m_cost,
+        "of the refused prompts" + (f"; cost: mean of {m_cost.n_edits} Ms" if m_cost else ""),
+    )
     add(
         "random sets shaped like M",
         summary.random_jailbreak_rate,
-        checks.random_cost,
-        "cost: each prompt's first draw",
+        r_cost,
+        f"cost: the first draws of {r_cost.n_edits} Ms" if r_cost else "",
     )
     if checks.transfer:
         t = checks.transfer

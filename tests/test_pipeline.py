@@ -123,6 +123,7 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
         assert row[checks.transfer.targets.index(s)], "the diagonal is each prompt's own flip"
     assert summary["transfer_rate"] == checks.transfer.rate
     assert checks.minimal_cost is not None and checks.minimal_cost.n_prompts == 2
+    assert checks.minimal_cost.n_edits == len(checks.transfer.sources)  # every M costed
     assert 0 <= checks.direction.cost.harmless_refusal_rate <= 1
     assert (tmp_path / "direction.pt").exists() and json.loads(
         (tmp_path / "direction.json").read_text()

@@ -5,6 +5,7 @@ import torch
 from refusal import controls
 from refusal.features import Feature
 from refusal.judge import says_complies
+from refusal.stages import controls as controls_stage
 from refusal.stages import dormant, greedy, random_control
 
 FEATURES = [Feature(1, i) for i in range(6)] + [Feature(2, i) for i in range(6)]
@@ -194,3 +195,13 @@ def test_shared_set_cover_recovers_a_planted_universal_feature():
     # no single feature flips anything: whole minimal sets still cover
     chosen, covered = controls.cover(probes[5:], own[5:], 0.0, max_size=8, share=1.0)
     assert chosen == own[5] and covered == [True]
+
+
+def test_costs_are_averaged_over_a_seeded_sample_in_order_only_where_there_are_more():
+    items = list(range(40))
+    assert controls_stage.seeded_subset(items[:16], 16, seed=0) == items[:16]
+    sample = controls_stage.seeded_subset(items, 16, seed=0)
+    assert len(sample) == 16 and sample == sorted(sample) and len(set(sample)) == 16
+    assert sample == controls_stage.seeded_subset(items, 16, seed=0)  # seeded
+    assert sample != controls_stage.seeded_subset(items, 16, seed=1)
+    assert sample != items[:16]  # a sample, not the first prompts

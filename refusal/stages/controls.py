@@ -5,11 +5,15 @@ Written once to controls.json (a ControlsRecord); a resumed run reads it back.
 
 from __future__ import annotations
 
+import random
+from typing import TypeVar
+
 from refusal import controls
 from refusal.context import Context
 from refusal.records import ControlsRecord, EditCost, PromptResult
 
 SAVED = "controls.json"
+T = TypeVar("T")
 
 
 def mean_cost(costs: list[EditCost]) -> EditCost | None:
@@ -21,7 +25,16 @@ def mean_cost(costs: list[EditCost]) -> EditCost | None:
         delta_ce=sum(c.delta_ce for c in costs) / n,
         harmless_refusal_rate=sum(c.harmless_refusal_rate for c in costs) / n,
         n_prompts=costs[0].n_prompts,
+        n_edits=n,
     )
+
+
+def seeded_subset(items: list[T], n: int, seed: int) -> list[T]:
+    """All of `items`, or a seeded sample of `n` of them in their order."""
+    if len(items) <= n:
+        return items
+    chosen = set(random.Random(seed).sample(range(len(items)), n))
+    return [x for i, x in enumerate(items) if i in chosen]
 
 
 def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
@@ -33,13 +46,16 @@ def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
     with_m = [r for r in results if r.score_minimal]
     searched = [r for r in results if r.searched]
     refused = [r for r in results if r.baseline.refused]
+    # each cost generates on every capability prompt: the means are over a seeded sample
+    # of search.capability.max_sets Ms where more prompts have one (n_edits says how many)
+    sample = seeded_subset(with_m, ctx.cfg.search.capability.max_sets, ctx.cfg.seed)
     costs = [
         controls.cost(
             ctx, controls.feature_spec(ctx, r.score_minimal), f"M of prompt {r.prompt_id}"
         )
-        for r in with_m
+        for r in sample
     ]
-    draws = [r.random_control.first_draw for r in with_m if r.random_control]
+    draws = [r.random_control.first_draw for r in sample if r.random_control]
     random_costs = [
         controls.cost(ctx, controls.feature_spec(ctx, d), "a random draw") for d in draws if d
     ]
