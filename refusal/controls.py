@@ -1,6 +1,6 @@
 """Controls beside the per-prompt findings: transfer of each M to the other prompts, a
-shared feature set fitted on one half of the prompts and judged on the other, ablation
-of the refusal direction itself, and what each edit costs on harmless prompts.
+shared feature set fitted on (part of) one half of the prompts and judged on the other,
+ablation of the refusal direction itself, and what each edit costs on harmless prompts.
 
 Every score goes through the engine (one batch of masks per target prompt); every
 jailbreak counted is a generated reply the judge calls compliance.
@@ -163,14 +163,16 @@ def cover(
 
 
 def shared_set(ctx: Context, prompts: list[PromptResult]) -> SharedSet | None:
-    """A feature set fitted on a seeded half of the prompts with an M (greedy cover over
-    their recurring features and whole minimal sets) and judged on the other half;
-    its capability cost, and the refusal it induces when its decoder rows are added."""
+    """A feature set fitted on a seeded half of the prompts with an M (at most
+    search.controls.max_sets of them: the greedy cover scores every unit on every fit
+    prompt at each step) and judged on the other half; its capability cost, and the
+    refusal it induces when its decoder rows are added."""
     cfg = ctx.cfg.search.controls.shared
     if len(prompts) < 2:
         return None
     order = random.Random(ctx.cfg.seed).sample(prompts, len(prompts))
-    fit, held = order[: len(order) // 2], order[len(order) // 2 :]
+    half = len(order) // 2
+    fit, held = order[: min(half, ctx.cfg.search.controls.max_sets)], order[half:]
     counts = Counter(f for p in fit for f in p.score_minimal)
     units = [[f] for f, n in counts.most_common() if n > 1] + [p.score_minimal for p in fit]
     probes = [PromptProbe(ctx.engine, ctx.engine.prepare(p.instruction)) for p in fit]

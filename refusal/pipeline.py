@@ -70,9 +70,9 @@ def validate(cfg: DictConfig) -> None:
     step = cfg.search.fm.sample_step
     if not (isinstance(step, int) and step > 0):
         raise ConfigError(f"search.fm.sample_step={step} is not a positive number of masks.")
-    sets = cfg.search.capability.max_sets
+    sets = cfg.search.controls.max_sets
     if not (isinstance(sets, int) and sets > 0):
-        raise ConfigError(f"search.capability.max_sets={sets} is not a positive number of sets.")
+        raise ConfigError(f"search.controls.max_sets={sets} is not a positive number of sets.")
     stages.check(list(cfg.search.stages))
     model = cfg.judge.verdict_model
     if model is not None and not Path(model).is_file():

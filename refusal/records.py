@@ -237,7 +237,7 @@ class EditCost(Model):
 
 
 class TransferMatrix(Model):
-    """Each jailbroken prompt's M (rows) ablated on each searched prompt (columns)."""
+    """Each sampled prompt's M (rows) ablated on each searched prompt (columns)."""
 
     sources: list[int]  # prompt ids
     targets: list[int]
@@ -304,7 +304,7 @@ class ControlsRecord(Model):
     transfer: TransferMatrix | None = None
     shared: SharedSet | None = None
     direction: DirectionControl | None = None
-    # the per-prompt Ms' costs, averaged (over a seeded sample of search.capability.max_sets)
+    # the per-prompt Ms' costs, averaged (over a seeded sample of search.controls.max_sets)
     minimal_cost: EditCost | None = None
     random_cost: EditCost | None = None  # the same Ms' first random draws', averaged
 

@@ -474,6 +474,7 @@ def controls_table(checks: ControlsRecord, summary: Summary) -> pd.DataFrame:
             "M on the other prompts",
             t.rate,
             None,
+            f"Ms of {len(t.sources)} prompts on {len(t.targets)}; "
             f"{t.n_jailbroken_judged}/{t.n_judged} judged flips compliance",
         )
     if checks.shared:
@@ -483,7 +484,8 @@ def controls_table(checks: ControlsRecord, summary: Summary) -> pd.DataFrame:
             "shared set (held-out half)",
             s.jailbreak_rate,
             s.cost,
-            f"{names}; induces refusal {s.induced_refusal_rate:.2f}",
+            f"{names}; fitted on {len(s.fit_prompts)} prompts; "
+            f"induces refusal {s.induced_refusal_rate:.2f}",
         )
     if checks.direction:
         d = checks.direction

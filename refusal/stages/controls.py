@@ -46,9 +46,10 @@ def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
     with_m = [r for r in results if r.score_minimal]
     searched = [r for r in results if r.searched]
     refused = [r for r in results if r.baseline.refused]
-    # each cost generates on every capability prompt: the means are over a seeded sample
-    # of search.capability.max_sets Ms where more prompts have one (n_edits says how many)
-    sample = seeded_subset(with_m, ctx.cfg.search.capability.max_sets, ctx.cfg.seed)
+    # each cost generates on every capability prompt and each transfer source is scored on
+    # every searched prompt: both take a seeded sample of search.controls.max_sets Ms
+    # where more prompts have one (n_edits and the matrix's sources say which)
+    sample = seeded_subset(with_m, ctx.cfg.search.controls.max_sets, ctx.cfg.seed)
     costs = [
         controls.cost(
             ctx, controls.feature_spec(ctx, r.score_minimal), f"M of prompt {r.prompt_id}"
@@ -61,7 +62,7 @@ def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
     ]
     record = ControlsRecord(
         clean_harmless_refusal_rate=controls.clean_refusal_rate(ctx),
-        transfer=controls.transfer(ctx, with_m, searched) if with_m else None,
+        transfer=controls.transfer(ctx, sample, searched) if sample else None,
         shared=controls.shared_set(ctx, with_m),
         direction=controls.direction_control(ctx, refused),
         minimal_cost=mean_cost(costs),
