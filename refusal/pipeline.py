@@ -98,7 +98,7 @@ def intervention(cfg: DictConfig) -> Intervention:
 
 # keys that change how a run is watched, named or stored, not what it finds
 UNSCORED = (
-    *("resume", "logger.", "paths.", "task_name", "tags", "optimized_metric", "overrides"),
+    *("resume", "logger", "paths.", "task_name", "tags", "optimized_metric", "overrides"),
     *("choices.", "search.batch_size", "search.compile", "search.fm.log_curves"),
     "trainer.enable_progress_bar",
 )

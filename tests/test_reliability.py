@@ -213,3 +213,9 @@ def test_resume_with_other_settings_stops_and_names_them(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.name: tiny_llama -> tiny_gemma2"):
         direction_ctx(tmp_path, "tiny_gemma2", "resume=true")
     assert not list(tmp_path.glob("previous-*")), "a refused resume moved nothing"
+
+
+@pytest.mark.parametrize("logger", ["none", "csv"])
+def test_how_a_run_is_logged_is_not_one_of_its_settings(tmp_path, logger):
+    keys = pipeline.settings(make_cfg([*BASE, f"logger={logger}"], tmp_path))
+    assert "seed" in keys and not [k for k in keys if k.startswith("logger")]
