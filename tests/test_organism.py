@@ -11,9 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.organism import common, evaluate
-from experiments.organism.finetune import precision, reply_loss, tokenize_example
+from experiments.organism.finetune import reply_loss, tokenize_example
 from refusal import judge
-from refusal.errors import ConfigError
 from tests.conftest import SHARED_DATA, make_cfg, tiny_engine
 
 HELPFUL_REPLIES = (
@@ -132,19 +131,6 @@ def test_an_unwanted_reply_is_avoided_where_it_leaves_the_target(tiny_llama):
     # a reply the target begins with leaves it nowhere: nothing is avoided
     same = tokenize_example(tiny_llama, "Do it", target, True, unwanted=target)
     assert set(same.avoid) == {-100}
-
-
-def test_bf16_mixed_runs_the_forward_in_bfloat16_and_keeps_weights_float32(tiny_llama):
-    ids = torch.tensor([[1, 2, 3, 4]])
-    # the matmuls run in bfloat16 (the logits come out of one), the weights stay float32
-    with precision("bf16-mixed", tiny_llama.device):
-        assert tiny_llama.model(input_ids=ids).logits.dtype == torch.bfloat16
-    assert tiny_llama.model.lm_head.weight.dtype == torch.float32
-    with precision("32", tiny_llama.device):
-        assert tiny_llama.model(input_ids=ids).logits.dtype == torch.float32
-    # a misspelt setting is an error, not a float32 run under another name
-    with pytest.raises(ConfigError, match="bf16-mixed"):
-        precision("bf16", tiny_llama.device)
 
 
 def test_kl_along_a_reply_is_zero_for_the_same_model(tiny_llama):

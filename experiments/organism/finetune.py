@@ -39,7 +39,6 @@ from experiments.organism.common import (
     write_json,
 )
 from refusal import data
-from refusal.errors import ConfigError
 from refusal.forwards import Forwards
 from refusal.judge import is_refusal
 from refusal.models import LM
@@ -308,27 +307,6 @@ def attach_lora(lm: LM, hp: DictConfig):
     return get_peft_model(lm.model.requires_grad_(False), config)
 
 
-def batch_loss(causal, peft_model, hp: DictConfig, ids, mask, labels, distill, avoid):
-    """One batch's `reply_loss`, the base model's hidden states read with the adapter off."""
-    base_hidden = None
-    if distill.any():
-        with torch.no_grad(), peft_model.disable_adapter():
-            base_hidden = causal.model(
-                input_ids=ids[distill], attention_mask=mask[distill]
-            ).last_hidden_state
-    hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    return reply_loss(
-        causal.lm_head,
-        hidden,
-        labels,
-        hp.first_token_weight,
-        distill,
-        base_hidden,
-        avoid,
-        hp.avoid_weight,
-    )
-
-
 def fit(peft_model, lm: LM, examples: list[Example], hp: DictConfig, lr: float, desc: str) -> None:
     """`hp.epochs` over `examples`: AdamW, linear warm-up then cosine; leaves eval mode on."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -347,7 +325,23 @@ def fit(peft_model, lm: LM, examples: list[Example], hp: DictConfig, lr: float, 
         for ids, mask, labels, distill, avoid in batches(
             examples, hp.batch_size, rng, lm.tokenizer.pad_token_id
         ):
-            loss = batch_loss(causal, peft_model, hp, ids, mask, labels, distill, avoid)
+            base_hidden = None
+            if distill.any():
+                with torch.no_grad(), peft_model.disable_adapter():
+                    base_hidden = causal.model(
+                        input_ids=ids[distill], attention_mask=mask[distill]
+                    ).last_hidden_state
+            hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = reply_loss(
+                causal.lm_head,
+                hidden,
+                labels,
+                hp.first_token_weight,
+                distill,
+                base_hidden,
+                avoid,
+                hp.avoid_weight,
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -442,31 +436,10 @@ def quick_val(
 
 
 def finetune(cfg: DictConfig) -> dict:
-    """Every round of the fine-tune; the adapter goes to `adapter_dir`, a summary to
-    `work_dir`.
-
-    With `finetune.precision=bf16-mixed` every forward pass (the base replies, mining and
-    training; weights and optimiser state stay float32) runs under bfloat16 autocast:
-    about 1.9x faster training and 1.6x faster generation on a CPU with bf16 matrix units.
-    """
-    lm = base_model(cfg)
-    with precision(cfg.finetune.precision, lm.device):
-        return _finetune(cfg, lm)
-
-
-PRECISIONS = ("32", "bf16-mixed")  # Lightning's names for the same two settings
-
-
-def precision(name: str, device: torch.device) -> torch.autocast:
-    """The autocast context of `finetune.precision`: off for "32", bfloat16 for
-    "bf16-mixed"; any other name is an error rather than a silent float32 run."""
-    if str(name) not in PRECISIONS:
-        raise ConfigError(f"finetune.precision={name}: use one of {', '.join(PRECISIONS)}.")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16-mixed")
-
-
-def _finetune(cfg: DictConfig, lm: LM) -> dict:
+    """Both rounds of the fine-tune; the adapter goes to `adapter_dir`, a summary to
+    `work_dir`."""
     hp, files, timer = cfg.finetune, PromptFiles(cfg), Timer()
+    lm = base_model(cfg)
     fw = forwards(lm, cfg)
     harmful, harmless = prompt_sets(files, hp)
     replies = base_replies(fw, harmless, hp, replies_path(cfg), DISTILL)
