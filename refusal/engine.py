@@ -161,20 +161,20 @@ class Engine:
         self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: KVCache
     ) -> torch.Tensor:
         """Opening scores from the final residual `last` (B, d) of prompts whose keys and
-        values `kv` holds, decoding greedy tokens under each row's mask (judge.Openings)."""
+        values `kv` holds, decoding greedy tokens under each row's mask (judge.Openings:
+        where the trie does not branch, several tokens in one pass)."""
         past = kv.get_seq_length()
 
         def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             nonlocal masks, past
             kv.batch_select_indices(keep.nonzero().squeeze(-1))
             masks = masks[keep]
-            # a new token: its latents are not cached, and a "prompt" edit leaves it alone
+            # new tokens: their latents are not cached, and a "prompt" edit leaves them alone
             prompt_only = self.intervention.positions == "prompt"
-            edit = None if prompt_only else self.edit(features, masks, tokens[:, None])
-            h = self.lm.embed(tokens[:, None])
-            h = self.lm.run_blocks(h, 0, edit=edit, cache=kv, past=past)
-            past += 1
-            return self.lm.next_token_logits(h[:, -1])
+            edit = None if prompt_only else self.edit(features, masks, tokens)
+            h = self.lm.run_blocks(self.lm.embed(tokens), 0, edit=edit, cache=kv, past=past)
+            past += tokens.shape[1]
+            return self.lm.next_token_logits(h)
 
         return self.openings.score(self.lm.next_token_logits(last), next_logits)
 

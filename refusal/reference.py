@@ -105,11 +105,15 @@ def replayed_scores(openings: judge.Openings, out, prompt_len: int) -> torch.Ten
     rows, steps = torch.arange(len(out.sequences)), iter(enumerate(out.logits[1:], prompt_len))
 
     def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens after the first are the trie's guess of the greedy path: where a row
+        # leaves it the walk stops, so the greedy path's logits serve up to there
         nonlocal rows
         rows = rows[keep.cpu()]
-        position, logits = next(steps)
-        assert torch.equal(out.sequences[rows, position], tokens), "walk left the greedy path"
-        return logits[rows]
+        read = [next(steps) for _ in range(tokens.shape[1])]
+        assert torch.equal(out.sequences[rows, read[0][0]], tokens[:, 0]), (
+            "walk left the greedy path"
+        )
+        return torch.stack([logits[rows] for _, logits in read], 1)
 
     return openings.score(out.logits[0], next_logits)
 

@@ -28,29 +28,46 @@ def test_refusal_score_sign_is_the_greedy_first_token():
 
 
 def test_opening_score_follows_greedy_decoding_through_the_trie():
-    """Sign: the greedy reply opens with a whole opening; value: the path's closest margin."""
-    vocab, rows, openings = 6, 512, [[1, 2], [1, 3, 4], [5]]
+    """Sign: the greedy reply opens with a whole opening; value: the path's closest margin.
+    Where the trie does not branch, one call reads several positions."""
+    vocab, rows, openings = 6, 512, [[1, 2], [1, 3, 4, 5, 2], [5]]
     trie = judge.Openings.build(openings)
     gen = torch.Generator().manual_seed(0)
     steps = torch.randn(trie.depth, rows, vocab, generator=gen) * 2
     steps[:, :, 1] += 1.5  # walk deep often enough that every outcome occurs
-    taken = []
+    steps[1, :, 3] += 1.0  # ... and on along [1, 3, 4, 5, 2]
+    for t, token in [(2, 4), (3, 5), (4, 2)]:
+        steps[t, :, token] += 4.0
+    greedy = steps.argmax(-1).T.tolist()
+    fed, calls = 1, []
 
     def next_logits(keep, tokens):
-        taken.append(len(tokens))
-        return steps[len(taken)][torch.arange(rows)[walking(len(taken))]]
-
-    def walking(step):  # the rows whose greedy prefix of `step` tokens is inside the trie
-        greedy = steps[:step].argmax(-1).T.tolist()
-        return torch.tensor(
-            [any(o[:step] == g and len(o) > step for o in openings) for g in greedy]
-        )
+        nonlocal fed
+        # the rows still walking: their greedy prefix is inside the trie, not yet whole
+        walking = [any(o[:fed] == g[:fed] and len(o) > fed for o in openings) for g in greedy]
+        assert torch.equal(tokens[:, 0], steps[fed - 1, walking].argmax(-1))
+        calls.append(tokens.shape[1])
+        block = steps[fed : fed + tokens.shape[1], torch.tensor(walking)].transpose(0, 1)
+        fed += tokens.shape[1]
+        return block
 
     scores = trie.score(steps[0], next_logits)
-    greedy = steps.argmax(-1).T.tolist()
     opens = torch.tensor([any(g[: len(o)] == o for o in openings) for g in greedy])
     assert torch.equal(scores > 0, opens)
-    assert 0 < opens.sum() < rows and taken[0] < rows  # walks both finish and leave early
+    assert 0 < opens.sum() < rows
+    # after [1, 3] the trie goes on [4, 5, 2] alone: one call feeds 3, 4, 5
+    assert calls == [1, 3]
+    deep = [i for i, g in enumerate(greedy) if g == [1, 3, 4, 5, 2]]
+    assert deep and all(opens[i] for i in deep)
+    # the value is the path's smallest margin, however many positions a call read
+    row = deep[0]
+    path = [0, 1, 3, 4, 5, 2]
+    margins = [
+        steps[t, row, path[t + 1]]
+        - steps[t, row, [v for v in range(vocab) if v != path[t + 1]]].max()
+        for t in range(5)
+    ]
+    assert scores[row].item() == pytest.approx(min(margins).item())
     # a row refusing with [5] at once scores its margin over the tokens leaving the trie
     row = next(i for i, g in enumerate(greedy) if g[0] == 5)
     margin = steps[0, row, 5] - steps[0, row, [0, 2, 3, 4]].max()

@@ -73,8 +73,9 @@ def greedy_margin(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor
     return best - other, which
 
 
-# next_logits(keep, tokens): the logits after appending `tokens` to the rows that the bool
-# mask `keep` selects among those of the previous call (the first call: among all rows).
+# next_logits(keep, tokens): the logits (B, k, vocab) at each of the k positions after
+# appending `tokens` (B, k) to the rows that the bool mask `keep` selects among those of the
+# previous call (the first call: among all rows).
 Continue = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -84,12 +85,17 @@ class Openings:
 
     child_ids[n] lists node n's next tokens (padded by repeating one, which changes no
     max), child_node[n] the nodes they lead to; complete[n] marks a whole opening.
+    chain[n] holds the chain_len[n] tokens that follow node n while the trie does not
+    branch, each leading to a node that is not a whole opening (so that the logits after
+    it are read).
     """
 
     child_ids: torch.Tensor  # (nodes, k) long
     child_node: torch.Tensor  # (nodes, k) long
     complete: torch.Tensor  # (nodes,) bool
     depth: int  # tokens in the longest opening
+    chain: torch.Tensor  # (nodes, depth) long, padded
+    chain_len: torch.Tensor  # (nodes,) long
 
     @classmethod
     def build(cls, sequences: list[list[int]]) -> Openings:
@@ -107,22 +113,42 @@ class Openings:
                 node = children[node][token]
             complete[node] = bool(seq)
         width = max(len(c) for c in children)
+        depth = max(map(len, sequences))
 
-        def padded(values: list[int]) -> list[int]:
-            return values + [values[0]] * (width - len(values)) if values else [0] * width
+        def padded(values: list[int], n: int) -> list[int]:
+            return values + [values[0] if values else 0] * (n - len(values))
 
+        def chain(node: int) -> list[int]:
+            # a token is worth feeding ahead only if the logits after it are read: the
+            # node it leads to is not a whole opening
+            tokens: list[int] = []
+            while len(children[node]) == 1 and not complete[node]:
+                token, child = next(iter(children[node].items()))
+                if complete[child]:
+                    break
+                tokens.append(token)
+                node = child
+            return tokens
+
+        chains = [chain(n) for n in range(len(children))]
         return cls(
-            torch.tensor([padded(list(c)) for c in children]),
-            torch.tensor([padded(list(c.values())) for c in children]),
+            torch.tensor([padded(list(c), width) for c in children]),
+            torch.tensor([padded(list(c.values()), width) for c in children]),
             torch.tensor(complete),
-            max(map(len, sequences)),
+            depth,
+            torch.tensor([padded(c, depth) for c in chains]),
+            torch.tensor([len(c) for c in chains]),
         )
 
     def score(self, logits: torch.Tensor, next_logits: Continue) -> torch.Tensor:
         """Opening score of each row, from its first-token logits (B, vocab).
 
         next_logits (see Continue) is called only for the rows whose greedy reply is still
-        inside the trie, with each one's greedy token.
+        inside the trie, with each one's greedy token and, where every such row stands
+        where the trie does not branch, the tokens that follow there: one pass reads
+        several steps. A row whose greedy reply leaves that chain stops at the position
+        where it does, so the logits after the tokens it did not choose are never read,
+        and every score is that of one token at a time.
         """
         device = logits.device
         child_ids, child_node = self.child_ids.to(device), self.child_node.to(device)
@@ -130,16 +156,23 @@ class Openings:
         score = torch.full((len(logits),), float("inf"), device=device)
         rows = torch.arange(len(logits), device=device)
         nodes = torch.zeros(len(logits), dtype=torch.long, device=device)
+        block = logits[:, None]  # (rows, positions, vocab): positions fed in one pass
         while True:
-            margin, which = greedy_margin(logits, child_ids[nodes])
-            score[rows] = torch.minimum(score[rows], margin)
-            tokens = child_ids[nodes, which]
-            nodes = child_node[nodes, which]
-            walking = (margin > 0) & ~complete[nodes]
-            if not walking.any():
+            alive = torch.ones(len(rows), dtype=torch.bool, device=device)
+            tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+            for j in range(block.shape[1]):
+                at = alive.nonzero().squeeze(-1)
+                margin, which = greedy_margin(block[at, j], child_ids[nodes[at]])
+                score[rows[at]] = torch.minimum(score[rows[at]], margin)
+                tokens[at] = child_ids[nodes[at], which]
+                nodes[at] = child_node[nodes[at], which]
+                alive[at] = (margin > 0) & ~complete[nodes[at]]
+            if not alive.any():
                 return score
-            rows, nodes = rows[walking], nodes[walking]
-            logits = next_logits(walking, tokens[walking])
+            rows, nodes, tokens = rows[alive], nodes[alive], tokens[alive]
+            ahead = int(self.chain_len.to(device)[nodes].min())
+            forced = self.chain.to(device)[nodes, :ahead]
+            block = next_logits(alive, torch.cat([tokens[:, None], forced], 1))
 
 
 def refusal_openings(lm, markers: tuple[str, ...] | list[str] = REFUSAL_MARKERS) -> Openings:
