@@ -7,8 +7,9 @@ layer applying the configured intervention (refusal.interventions) to the featur
 each row selects, at every position but those holding special tokens (unless
 `special_tokens`; the cache holds the residual before any edit either way); rows that
 intervene on the same features up to an SAE layer run the blocks before it once. Rows
-whose greedy reply opens like a refusal then decode a few more tokens, one at a time
-through a KV cache, to see whether it becomes a whole refusal marker (judge.Openings).
+whose greedy reply opens like a refusal then decode a few more tokens through a KV
+cache, to see whether it becomes a whole refusal marker (judge.Openings); where the
+markers' trie does not branch, the tokens that follow are fed in one pass.
 Every search stage scores through this engine; many-prompt passes and generation are
 refusal.forwards.
 """
