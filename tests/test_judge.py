@@ -61,11 +61,10 @@ def test_opening_score_follows_greedy_decoding_through_the_trie():
     assert deep and all(opens[i] for i in deep)
     # the value is the path's smallest margin, however many positions a call read
     row = deep[0]
-    path = [0, 1, 3, 4, 5, 2]
+    path = [1, 3, 4, 5, 2]
     margins = [
-        steps[t, row, path[t + 1]]
-        - steps[t, row, [v for v in range(vocab) if v != path[t + 1]]].max()
-        for t in range(5)
+        steps[t, row, token] - steps[t, row, [v for v in range(vocab) if v != token]].max()
+        for t, token in enumerate(path)
     ]
     assert scores[row].item() == pytest.approx(min(margins).item())
     # a row refusing with [5] at once scores its margin over the tokens leaving the trie

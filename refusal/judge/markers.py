@@ -153,6 +153,7 @@ class Openings:
         device = logits.device
         child_ids, child_node = self.child_ids.to(device), self.child_node.to(device)
         complete = self.complete.to(device)
+        chain, chain_len = self.chain.to(device), self.chain_len.to(device)
         score = torch.full((len(logits),), float("inf"), device=device)
         rows = torch.arange(len(logits), device=device)
         nodes = torch.zeros(len(logits), dtype=torch.long, device=device)
@@ -170,8 +171,7 @@ class Openings:
             if not alive.any():
                 return score
             rows, nodes, tokens = rows[alive], nodes[alive], tokens[alive]
-            ahead = int(self.chain_len.to(device)[nodes].min())
-            forced = self.chain.to(device)[nodes, :ahead]
+            forced = chain[nodes, : int(chain_len[nodes].min())]
             block = next_logits(alive, torch.cat([tokens[:, None], forced], 1))
 
 
