@@ -6,7 +6,9 @@ Scoring a batch of masks then runs only the remaining blocks over the prompt, ea
 layer applying the configured intervention (refusal.interventions) to the features
 each row selects, at every position but those holding special tokens (unless
 `special_tokens`; the cache holds the residual before any edit either way); rows that
-intervene on the same features up to an SAE layer run the blocks before it once. Rows
+intervene on the same features up to an SAE layer run the blocks before it once, a
+latent that reads zero at every edited prompt position counting as untouched (ablating
+it changes nothing there; on the reply's tokens each row keeps its own mask). Rows
 whose greedy reply opens like a refusal then decode a few more tokens through a KV
 cache, to see whether it becomes a whole refusal marker (judge.Openings); where the
 markers' trie does not branch, the tokens that follow are fed in one pass.
@@ -27,7 +29,14 @@ from sae_lens import SAE
 from refusal.allocator import keep_freed_memory
 from refusal.errors import NumericsError
 from refusal.features import Feature
-from refusal.interventions import Ablation, Edit, FeatureEdit, Intervention, sparing
+from refusal.interventions import (
+    Ablation,
+    Edit,
+    FeatureEdit,
+    Intervention,
+    latent_acts,
+    sparing,
+)
 from refusal.judge import Openings, refusal_openings
 from refusal.models import LM, KVCache
 
@@ -135,40 +144,72 @@ class Engine:
     def _score_chunk(
         self, cache: PromptCache, features: list[Feature], masks: torch.Tensor, share: bool = True
     ) -> torch.Tensor:
-        """Scores of a batch of masks. Rows that ablate the same features up to an SAE
-        layer run the blocks before it once: the batch branches at each SAE layer into
-        the distinct masks so far (greedy's single removals and the dormant checks differ
-        only late). share=False runs every row through every block, as the FM's random
-        masks do anyway."""
+        """Scores of a batch of distinct masks. Rows whose edits agree up to an SAE layer run
+        the blocks before it once: the batch branches at each SAE layer into the distinct
+        edits so far (greedy's single removals and the dormant checks differ only late).
+        Ablating a latent that is zero at every edited prompt position changes nothing, so
+        rows that differ only in such latents stay together (after greedy has ablated
+        every candidate, many later ones are silent). share=False runs every row through
+        every block, as the FM's random masks do anyway."""
         kv = copy.deepcopy(cache.kv)
         h = cache.hidden  # one state, the clean prompt; state[r]: row r's state in h
         state = torch.zeros(len(masks), dtype=torch.long, device=masks.device)
         own = torch.arange(len(masks), device=masks.device)[:, None]  # share=False: one each
+        edited = masks.clone()  # masks less the latents silent where they would be edited
         layers = sorted(self.saes)
         for layer, stop in zip(layers, [*layers[1:], self.lm.n_layers - 1]):
             cols = [i for i, f in enumerate(features) if f.layer == layer]
-            key = torch.cat([state[:, None], masks[:, cols].long(), *([] if share else [own])], 1)
+            if share and self.intervention.silent_is_identity:
+                active = self._active(cache, [features[i] for i in cols], layer, h)
+                edited[:, cols] = masks[:, cols] * active[state]
+            key = torch.cat([state[:, None], edited[:, cols].long(), *([] if share else [own])], 1)
             state, first = _unique_rows(key)
             parent = key[first, 0]  # the state each new one branches from
             if not torch.equal(parent, torch.arange(len(h), device=h.device)):
                 h = h[parent]
                 kv.batch_select_indices(parent)
-            edit = self.edit(features, masks[first], cache.input_ids, cache)
+            edit = self.edit(features, edited[first], cache.input_ids, cache)
             h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
-        rows = _unique_rows(state[:, None])[1]  # a row of each final state, in state order
-        return self._opening_scores(h[:, -1], features, masks[rows], kv)[state].cpu()
+        # the reply's tokens are edited with each row's own mask (a latent silent on the
+        # prompt may fire on them): rows sharing a state part once their opening starts
+        return self._opening_scores(h[:, -1], features, masks, kv, state).cpu()
+
+    def _active(
+        self, cache: PromptCache, features: list[Feature], layer: int, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Which of `features` (all at `layer`) fire at some position the edit touches, in
+        each state of h (S, T, d): (S, len(features)) bool."""
+        idx = torch.tensor([f.latent for f in features], device=h.device, dtype=torch.long)
+        if layer == self.start:  # no mask changes the first SAE layer's latents
+            acts = cache.latents[None, :, idx]
+        else:
+            acts = latent_acts(self.saes[layer], h, idx)
+        spared = self.spared(cache.input_ids)
+        fires = acts > 0
+        if spared is not None:
+            fires = fires & ~spared[..., None]
+        return fires.any(1)
 
     def _opening_scores(
-        self, last: torch.Tensor, features: list[Feature], masks: torch.Tensor, kv: KVCache
+        self,
+        last: torch.Tensor,
+        features: list[Feature],
+        masks: torch.Tensor,
+        kv: KVCache,
+        state: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Opening scores from the final residual `last` (B, d) of prompts whose keys and
-        values `kv` holds, decoding greedy tokens under each row's mask (judge.Openings:
-        where the trie does not branch, several tokens in one pass)."""
+        """Opening scores of the rows of `masks`, from the final residuals `last` (S, d) of
+        the prompt states whose keys and values `kv` holds (row r's is state[r]; by default
+        one each), decoding greedy tokens under each row's mask (judge.Openings: where the
+        trie does not branch, several tokens in one pass)."""
         past = kv.get_seq_length()
+        of_row = torch.arange(len(masks), device=last.device) if state is None else state
 
         def next_logits(keep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-            nonlocal masks, past
-            kv.batch_select_indices(keep.nonzero().squeeze(-1))
+            nonlocal masks, past, of_row
+            kept = keep.nonzero().squeeze(-1)
+            kv.batch_select_indices(of_row[kept])
+            of_row = torch.arange(len(kept), device=kept.device)
             masks = masks[keep]
             # new tokens: their latents are not cached, and a "prompt" edit leaves them alone
             prompt_only = self.intervention.positions == "prompt"
@@ -177,7 +218,7 @@ class Engine:
             past += tokens.shape[1]
             return self.lm.next_token_logits(h)
 
-        return self.openings.score(self.lm.next_token_logits(last), next_logits)
+        return self.openings.score(self.lm.next_token_logits(last)[of_row], next_logits)
 
     @torch.no_grad()
     def tune_batch_size(

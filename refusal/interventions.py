@@ -73,6 +73,9 @@ class Intervention(ABC):
     special_tokens: bool
     # whether `delta` reads the latents' activations (the engine passes cached ones)
     uses_activations: bool
+    # whether editing a latent that is zero at every position is no edit at all (the
+    # engine then lets rows that differ only in silent latents share blocks)
+    silent_is_identity: bool
 
     def weights(self, masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per row and feature, how strongly it is intervened on (masks: (B, k) in {0,1})."""
@@ -106,6 +109,7 @@ class Ablation(Intervention):
     positions: str = "all"
     special_tokens: bool = False
     uses_activations = True
+    silent_is_identity = True  # a latent at zero loses nothing
 
     @property
     def strength(self) -> float:
@@ -140,6 +144,7 @@ class Steer(Intervention):
     positions: str = "all"
     special_tokens: bool = False
     uses_activations = False
+    silent_is_identity = False  # the decoder row is added whatever the latent reads
 
     def weights(self, masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return masks.to(dtype) * self.alpha

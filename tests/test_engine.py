@@ -155,6 +155,57 @@ def test_rows_that_differ_late_share_the_blocks_before(tiny_llama):
     assert flops[True] < 0.8 * flops[False]
 
 
+def silence_on_prompt(
+    engine, layer: int, prompt_ids: torch.Tensor, reply_ids: torch.Tensor, n: int
+) -> list[int]:
+    """n latents of the SAE at `layer` shifted to read zero on the prompt's edited positions
+    though they still fire on the clean reply's tokens (those that fire most there)."""
+    lm, sae = engine.lm, engine.saes[layer]
+    ids = torch.cat([prompt_ids, reply_ids], 1)
+    with torch.no_grad():
+        pre = lm.run_blocks(lm.embed(ids), 0, layer + 1)[0] @ sae.W_enc + sae.b_enc
+        edited = ~engine.spared(prompt_ids)[0]
+        prompt_top = pre[: prompt_ids.shape[1]][edited].max(0).values
+        reply_top = pre[prompt_ids.shape[1] :].max(0).values - prompt_top
+        chosen = reply_top.argsort(descending=True)[:n]
+        assert (reply_top[chosen] > 0).all()
+        sae.b_enc[chosen] -= prompt_top[chosen] + 1e-3
+    return chosen.tolist()
+
+
+def test_rows_that_differ_only_in_silent_latents_share_blocks(tiny_llama, monkeypatch):
+    """Ablating a latent that is zero at every edited prompt position changes nothing
+    there: rows that differ only in such latents run the later blocks once, and each
+    still decodes its reply under its own mask (such a latent may fire on the reply)."""
+    openings = own_openings(tiny_llama)
+    engine = tiny_engine(tiny_llama, layers=(1, 2), openings=openings)
+    cache = engine.prepare(PROMPT)
+    reply = torch.tensor([openings.chain[0][:2].tolist()])  # the clean reply opens so
+    silent = silence_on_prompt(engine, 2, cache.input_ids, reply, n=4)
+    top = engine.latents(cache)[2].max(0).values.topk(2).indices
+    features = [Feature(2, int(i)) for i in [*top, *silent]]
+    # the clean prompt; each silent latent ablated, then all four; the top latent ablated
+    masks = torch.zeros(7, len(features))
+    masks[1:5, 2:] = torch.eye(4)
+    masks[5, 2:] = 1
+    masks[6, 0] = 1
+    rows_after_layer_2 = []
+    run_blocks = tiny_llama.run_blocks
+
+    def counted(h, start, *args, **kwargs):
+        if start == 3 and h.shape[1] == cache.input_ids.shape[1]:
+            rows_after_layer_2.append(len(h))
+        return run_blocks(h, start, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "run_blocks", counted)
+    scores = engine.score(cache, features, masks)
+    torch.testing.assert_close(scores, reference_scores(engine, features, masks))
+    # rows 0-5 edit nothing on the prompt: one state; row 6 another
+    assert rows_after_layer_2 == [2]
+    assert scores[0] > 0  # the clean reply walks its whole opening
+    assert (scores[1:6] != scores[0]).any()  # and a silent latent's row decodes its own
+
+
 def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):
     fixed = tiny_engine(tiny_llama, batch_size=4)
     tuned = tiny_engine(tiny_llama, batch_size=4, tune=True)
