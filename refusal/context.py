@@ -151,5 +151,6 @@ class Work:
 
     @cached_property
     def clean(self) -> dict[int, torch.Tensor]:
-        """Every SAE's latents (T, d_sae) on the clean prompt."""
+        """Every SAE's latents on the clean prompt, at the positions the intervention
+        edits (PromptProbe.latents)."""
         return self.probe.latents()

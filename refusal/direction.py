@@ -261,7 +261,8 @@ def candidates(
     """Per SAE layer, the latents whose decoder rows are most aligned with that layer's
     target direction (candidate_directions), kept where active on the prompt.
 
-    latents: the prompt's clean latents per layer, (T, d_sae) each.
+    latents: the prompt's clean latents per layer, (positions, d_sae) each, at the positions
+    an edit acts on (PromptProbe.latents).
     """
     found = []
     for layer, sae in saes.items():

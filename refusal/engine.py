@@ -340,4 +340,11 @@ class PromptProbe:
     def latents(
         self, features: list[Feature] | None = None, mask: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
-        return self.engine.latents(self.cache, features, mask)
+        """Every SAE's latents (T', d_sae) at the T' prompt positions the intervention
+        edits, under an optional mask: where a latent reads there is what ablating it can
+        act on (one that fires only on a spared special token is inert, however strongly)."""
+        latents = self.engine.latents(self.cache, features, mask)
+        spared = self.engine.spared(self.cache.input_ids)
+        if spared is None:
+            return latents
+        return {layer: z[~spared[0]] for layer, z in latents.items()}

@@ -148,7 +148,8 @@ def extra_features(
     max_extra: int,
 ) -> list[Feature]:
     """Features beside M that the FM also samples: the other candidates first, then each
-    layer's most active latents on the prompt (clean: (T, d_sae) latents per layer)."""
+    layer's most active latents on the prompt (clean: (positions, d_sae) latents per
+    layer, at the positions an edit acts on)."""
     extra = [f for f in candidates if f not in minimal]
     for layer, z in clean.items():
         extra += [

@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from refusal import models
+from refusal.engine import PromptProbe
 from refusal.features import Feature
 from refusal.forwards import hooked
 from refusal.interventions import Ablation, Steer
@@ -204,6 +205,30 @@ def test_rows_that_differ_only_in_silent_latents_share_blocks(tiny_llama, monkey
     assert rows_after_layer_2 == [2]
     assert scores[0] > 0  # the clean reply walks its whole opening
     assert (scores[1:6] != scores[0]).any()  # and a silent latent's row decodes its own
+
+
+def test_the_search_reads_latents_only_where_an_edit_acts(tiny_llama):
+    """A latent that fires only on a spared special token is inert (ablating it changes
+    no score): the probe's latents, which pick candidates, random draws and FM extras,
+    leave those positions out."""
+    engine = tiny_engine(tiny_llama, layers=(1, 2))
+    cache = engine.prepare(PROMPT)
+    spared = engine.spared(cache.input_ids)[0]
+    assert spared.any() and not spared.all()
+    sae = engine.saes[2]
+    with torch.no_grad():  # shift the latent that most prefers the special tokens
+        h = tiny_llama.run_blocks(tiny_llama.embed(cache.input_ids), 0, 3)[0]
+        pre = h @ sae.W_enc + sae.b_enc
+        edited_top = pre[~spared].max(0).values
+        latent = int((pre[spared].max(0).values - edited_top).argmax())
+        sae.b_enc[latent] -= edited_top[latent] + 1e-3
+    probe = PromptProbe(engine, cache)
+    full, seen = engine.latents(cache), probe.latents()
+    for layer in full:
+        torch.testing.assert_close(seen[layer], full[layer][~spared])
+    assert full[2][:, latent].max() > 0 and seen[2][:, latent].max() == 0
+    feature = [Feature(2, latent)]
+    assert engine.score(cache, feature, torch.ones(1, 1)).item() == pytest.approx(cache.score)
 
 
 def test_batch_size_tunes_itself_on_the_first_masks_scored(tiny_llama):

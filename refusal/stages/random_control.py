@@ -28,7 +28,8 @@ def draws(
     generator: torch.Generator,
 ) -> list[list[Feature]]:
     """`n_draws` random sets shaped like M (its count per layer), of latents active on
-    the prompt (clean latents (T, d_sae) per layer) and never of M."""
+    the prompt (clean latents (positions, d_sae) per layer, at the positions an edit acts
+    on: PromptProbe.latents) and never of M."""
     per_layer = Counter(f.layer for f in minimal)
     pools = {}
     for layer, count in per_layer.items():
