@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from refusal import data, models
 from refusal.direction import Selection
@@ -76,15 +77,23 @@ class Context:
         """The greedy reply with the engine's intervention on `features`."""
         return self.replies([instruction], [features or []])[0]
 
-    def replies(self, instructions: list[str], feature_sets: list[list[Feature]]) -> list[str]:
+    def replies(
+        self,
+        instructions: list[str],
+        feature_sets: list[list[Feature]],
+        max_new_tokens: int | None = None,
+        desc: str | None = None,
+    ) -> list[str]:
         """Greedy replies, one per (instruction, feature set intervened on) pair, generated
         together: row b of a batch carries the edit of its set (per-row masks). Pairs run
         in instruction-length order (as `Forwards.generate` orders them), so each batch
-        holds rows of similar length and the masks stay aligned with the rows."""
+        holds rows of similar length and the masks stay aligned with the rows. As long as
+        verification's replies unless `max_new_tokens` says otherwise."""
         order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
         out = [""] * len(order)
         size = self.forwards.batch_size
-        for start in range(0, len(order), size):
+        starts = range(0, len(order), size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
             idx = order[start : start + size]
             sets = [feature_sets[i] for i in idx]
             features = list(dict.fromkeys(f for s in sets for f in s))
@@ -97,7 +106,7 @@ class Context:
                 edit,
                 layers=edit.layers,
                 prompt_only=self.engine.intervention.positions == "prompt",
-                max_new_tokens=self.cfg.judge.max_new_tokens,
+                max_new_tokens=max_new_tokens or self.cfg.judge.max_new_tokens,
                 spare=self.engine.spared,
             )
             for i, reply in zip(idx, replies):

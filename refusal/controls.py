@@ -66,14 +66,36 @@ def jailbroken(ctx: Context, instructions: list[str], replies: list[str]) -> lis
 def cost(ctx: Context, spec: EditSpec, desc: str) -> EditCost:
     """First-token KL, the rise in cross-entropy of the model's own clean replies, and the
     judge's refusal rate, on the capability prompts with the edit applied."""
+    replies = generate(ctx, ctx.capability_prompts, spec, desc, harmless=True)
+    return measured_cost(ctx, spec, replies)
+
+
+def feature_costs(ctx: Context, feature_sets: list[list[Feature]], desc: str) -> list[EditCost]:
+    """`cost` of ablating each feature set. The harmless replies of all the sets are
+    generated together (per-row masks, Context.replies): one set's few capability prompts
+    fill a small batch, and decoding a token for 16 rows costs little less than for 64."""
+    prompts = ctx.capability_prompts
+    replies = ctx.replies(
+        [p for _ in feature_sets for p in prompts],
+        [s for s in feature_sets for _ in prompts],
+        max_new_tokens=ctx.cfg.search.capability.max_new_tokens,
+        desc=desc,
+    )
+    n = len(prompts)
+    return [
+        measured_cost(ctx, feature_spec(ctx, s), replies[i * n : (i + 1) * n])
+        for i, s in enumerate(feature_sets)
+    ]
+
+
+def measured_cost(ctx: Context, spec: EditSpec, replies: list[str]) -> EditCost:
+    """`cost`, given the edited model's replies to the capability prompts."""
     prompts, spare = ctx.capability_prompts, ctx.engine.spared if spec.spared else None
     logits = ctx.forwards.first_token_logits(prompts, spec.edit, spec.embed_edit, spare)
-    clean_replies = ctx.capability_replies
     edited = ctx.forwards.reply_logprobs(
-        prompts, clean_replies, edit=spec.edit, embed_edit=spec.embed_edit, spare=spare
+        prompts, ctx.capability_replies, edit=spec.edit, embed_edit=spec.embed_edit, spare=spare
     )
     clean = ctx.capability_logprobs
-    replies = generate(ctx, prompts, spec, desc, harmless=True)
     return EditCost(
         harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
         delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
@@ -186,7 +208,7 @@ def shared_set(ctx: Context, prompts: list[PromptResult]) -> SharedSet | None:
         held_out=[p.prompt_id for p in held],
         fit_cover=sum(covered) / len(fit) if covered else 0.0,
         n_jailbroken_held_out=sum(broken),
-        cost=cost(ctx, feature_spec(ctx, features), "shared set, harmless"),
+        cost=feature_costs(ctx, [features], "shared set, harmless")[0],
         induced_refusal_rate=induced(ctx, features),
     )
 

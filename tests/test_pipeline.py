@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from refusal import pipeline
+from refusal import controls, pipeline
 from refusal.engine import PromptProbe
 from refusal.errors import ConfigError
 from refusal.features import Feature
@@ -128,6 +128,30 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
     assert (tmp_path / "direction.pt").exists() and json.loads(
         (tmp_path / "direction.json").read_text()
     )["layer"] >= 0
+
+
+def test_pairs_generated_together_get_the_replies_they_get_alone(tmp_path):
+    """Context.replies batches many (instruction, feature set) pairs, each row with its
+    own mask; the Ms' and random draws' capability costs generate that way."""
+    ctx = pipeline.setup(make_cfg([*BASE, "search.batch_size=3"], tmp_path))
+    first, second = ctx.prompts.eval[:2]
+    latents = ctx.engine.latents(ctx.engine.prepare(first))
+    top = [
+        Feature(layer, int(i))
+        for layer, z in latents.items()
+        for i in z.max(0).values.topk(4).indices
+    ]
+    sets = [[], top, top[:4], top[4:], [], top[:4]]
+    instructions = [first, second, first, first, second, second]
+    together = ctx.replies(instructions, sets, max_new_tokens=6)
+    alone = [ctx.replies([i], [s], max_new_tokens=6)[0] for i, s in zip(instructions, sets)]
+    assert together == alone
+    assert len(set(together[:4])) == 4  # every set gives its own reply
+    batched = controls.feature_costs(ctx, sets[1:3], "two sets")
+    each = [controls.cost(ctx, controls.feature_spec(ctx, s), "one set") for s in sets[1:3]]
+    for got, expected in zip(batched, each):
+        assert got.harmless_refusal_rate == expected.harmless_refusal_rate
+        assert got.harmless_kl == pytest.approx(expected.harmless_kl, abs=1e-6)
 
 
 def test_no_refused_prompt_is_a_result_not_a_crash(tmp_path):

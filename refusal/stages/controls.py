@@ -50,23 +50,22 @@ def run(ctx: Context, results: list[PromptResult]) -> ControlsRecord:
     # every searched prompt: both take a seeded sample of search.controls.max_sets Ms
     # where more prompts have one (n_edits and the matrix's sources say which)
     sample = seeded_subset(with_m, ctx.cfg.search.controls.max_sets, ctx.cfg.seed)
-    costs = [
-        controls.cost(
-            ctx, controls.feature_spec(ctx, r.score_minimal), f"M of prompt {r.prompt_id}"
-        )
+    draws = [
+        r.random_control.first_draw
         for r in sample
+        if r.random_control and r.random_control.first_draw
     ]
-    draws = [r.random_control.first_draw for r in sample if r.random_control]
-    random_costs = [
-        controls.cost(ctx, controls.feature_spec(ctx, d), "a random draw") for d in draws if d
-    ]
+    # the Ms' and their random draws' costs in one go: their replies generate together
+    costs = controls.feature_costs(
+        ctx, [r.score_minimal for r in sample] + draws, "Ms and random draws, harmless"
+    )
     record = ControlsRecord(
         clean_harmless_refusal_rate=controls.clean_refusal_rate(ctx),
         transfer=controls.transfer(ctx, sample, searched) if sample else None,
         shared=controls.shared_set(ctx, with_m),
         direction=controls.direction_control(ctx, refused),
-        minimal_cost=mean_cost(costs),
-        random_cost=mean_cost(random_costs),
+        minimal_cost=mean_cost(costs[: len(sample)]),
+        random_cost=mean_cost(costs[len(sample) :]),
     )
     ctx.out.write_json(SAVED, record.to_json())
     return record

@@ -17,13 +17,12 @@ from refusal.stages.stage import Stage, flipped
 def run(ctx: Context, work: Work) -> VerificationRecord:
     assert work.result.greedy is not None
     minimal = work.result.greedy.minimal
-    # M and each M minus one feature, generated in one batch (the checks matter only if M
-    # jailbreaks, but cost little beside it)
-    sets = [minimal] + [[g for g in minimal if g != f] for f in minimal]
-    reply, *kept = ctx.replies([work.instruction] * len(sets), sets)
+    reply = ctx.reply(work.instruction, minimal)
     verdict = ctx.verdicts(work.instruction, [reply])[0]
     checks: list[MinimalityCheck] = []
-    if verdict == Verdict.COMPLIANCE:
+    if verdict == Verdict.COMPLIANCE:  # each M minus one feature, in one batch
+        sets = [[g for g in minimal if g != f] for f in minimal]
+        kept = ctx.replies([work.instruction] * len(sets), sets)
         verdicts = ctx.verdicts(work.instruction, kept)
         checks = [
             MinimalityCheck(feature=f, verdict=v, reply=r)
