@@ -214,7 +214,11 @@ class LM:
 
     def next_token_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the next token from the final-layer residual at one position."""
-        logits = self.model.lm_head(self.model.model.norm(last_hidden))
+        return self.unembed(self.model.model.norm(last_hidden))
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output (the backbone's last hidden state)."""
+        logits = self.model.lm_head(normed)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

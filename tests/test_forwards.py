@@ -3,7 +3,7 @@ model's own full pass, edited or not."""
 
 import torch
 
-from refusal.forwards import hooked
+from refusal.forwards import hooked, token_batches
 from refusal.interventions import direction_ablation, direction_addition
 from tests.conftest import tiny_forwards
 
@@ -75,3 +75,34 @@ def test_a_checkpoint_runs_an_edit_from_its_layer_as_the_full_pass_does(tiny_lm)
         torch.testing.assert_close(
             checkpoint.first_token_logits(layer, edit), expected, rtol=1e-4, atol=1e-4
         )
+
+
+def test_teacher_forced_batches_stay_within_their_token_budget():
+    lengths = [30, 0, 200, 5, 40, 41, 90, 0, 12]
+    batches = list(token_batches(lengths, 100))
+    assert sorted(i for b in batches for i in b) == [0, 2, 3, 4, 5, 6, 8]  # empty rows skipped
+    for batch in batches:
+        width = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or width * len(batch) <= 100  # a longer row goes alone
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    assert [2] in batches and [6] in batches  # 200 and 90: no room for another row
+
+
+def test_an_edited_teacher_forced_pass_equals_the_hooked_full_pass(tiny_lm):
+    """Reply log-probabilities under an edit, batched by token budget, equal each reply's
+    own hooked forward (the unembedding read only at reply positions)."""
+    forwards = tiny_forwards(tiny_lm)
+    edit, embed_edit = direction_ablation(torch.randn(tiny_lm.d_model))
+    replies = ["Rain falls on the roof", "Use sorted() with a key", "", "A keeper climbs"]
+    got = forwards.reply_logprobs(PROMPTS, replies, edit=edit, embed_edit=embed_edit)
+    tok = tiny_lm.tokenizer
+    for prompt, reply, value in zip(PROMPTS, replies, got):
+        ids = tok(tiny_lm.format([prompt]), add_special_tokens=False)["input_ids"][0]
+        answer = tok(reply, add_special_tokens=False)["input_ids"]
+        if not answer:
+            assert value == 0.0
+            continue
+        with hooked(tiny_lm, edit, embed_edit=embed_edit), torch.no_grad():
+            logp = tiny_lm.model(input_ids=torch.tensor([ids + answer])).logits[0].log_softmax(-1)
+        steps = [logp[len(ids) - 1 + k, t].item() for k, t in enumerate(answer)]
+        assert abs(value - sum(steps) / len(steps)) < 1e-4
