@@ -400,8 +400,8 @@ def hooked(
 
 
 # Padded tokens a teacher-forced batch may hold: rows of very different lengths in one
-# batch of 64 ran mostly padding; on 2 CPU cores 512-1024 padded tokens a batch ran the
-# judge's PMI passes 2.7x faster than 64 rows a batch (docs/measurements.md).
+# batch of 64 ran mostly padding; on 2 CPU cores this budget and the unembedding at reply
+# positions alone ran the judge's PMI passes 2.7x faster (docs/measurements.md).
 TOKEN_BUDGET = 1024
 
 
