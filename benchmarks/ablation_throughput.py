@@ -19,7 +19,9 @@ Each family's calls are timed three ways, on the same masks:
 and the `make run` mix: the families weighted by the evaluations a run made in each stage
 (`bench.mix_run`: a run directory, its results.jsonl; else this prompt's own counts).
 Plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU, counting
-the FLOPs of the layers actually run), peak memory, the flip agreement of engine and naive
+the FLOPs its scores need: the blocks it runs, its walk one token a pass), the FLOPs
+batched_hooked spends on the same masks (their ratio: how much of the speed-up is work
+skipped rather than work done faster), peak memory, the flip agreement of engine and naive
 on the FM's masks, and batched greedy filtering against one-at-a-time elimination.
 Writes outputs/bench.json (`bench.out`).
 
@@ -39,6 +41,7 @@ layers= / search.* overrides work as for train.py; the benchmark's own are `benc
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import resource
@@ -73,6 +76,7 @@ T = TypeVar("T")
 # The figures the targets are stated in.
 HEADLINE = (
     "ratio_vs_batched_hooked",
+    "flop_ratio_vs_batched_hooked",
     "ratio_vs_naive",
     "mfu",
     "peak_rss_gb",
@@ -138,12 +142,25 @@ def matmul_peak(
     return 2 * n**3 * repeats / best
 
 
-def flops_of(engine: Engine, probe: PromptProbe, call: Call) -> float:
-    """FLOPs of scoring a call's masks as the timed run scored them: in batches, rows that
-    agree on the early layers sharing those blocks."""
+def counted_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of the operations fn() runs (torch's counter: matrix products and attention)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        engine.score(probe.cache, call.features, call.masks)
+        fn()
     return float(counter.get_total_flops())
+
+
+def engine_flops(engine: Engine, probe: PromptProbe, call: Call) -> tuple[float, float]:
+    """FLOPs of scoring a call's masks on the engine: as the timed run scored them (rows
+    that agree on the early layers sharing those blocks; where the markers' trie does not
+    branch, its next tokens fed in one pass), and the work those scores need: the same
+    with the walk one token a pass, no token fed ahead of a row that then leaves the trie."""
+    stepwise = copy.copy(engine)
+    stepwise.openings = engine.openings.stepwise()
+    issued, needed = (
+        counted_flops(partial(e.score, probe.cache, call.features, call.masks))
+        for e in (engine, stepwise)
+    )
+    return issued, needed
 
 
 def candidates(ctx: Context, prompt_id: int, prompt: str) -> tuple[PromptProbe, list[Feature]]:
@@ -325,19 +342,31 @@ def time_family(ctx: Context, fam: Families, name: str, batch: int, bench: DictC
         ],
         len(picks),
     )
-    flops = sum(flops_of(engine, probe, c) for c in calls)
+    issued, needed = (sum(f) for f in zip(*(engine_flops(engine, probe, c) for c in calls)))
+    hooked_flops = sum(
+        counted_flops(partial(hooked_scores, engine, fam.prompt, c.features, c.masks, batch))
+        for c in calls
+    )
     return {
         "n_masks": n,
         "n_calls": len(calls),
         "evals_per_s": {"naive": naive_rate, "batched_hooked": hooked_rate, "engine": engine_rate},
         "ratio_vs_batched_hooked": engine_rate / hooked_rate,
         "ratio_vs_naive": engine_rate / naive_rate,
-        "engine_flops_per_eval": flops / n,
+        # FLOPs per evaluation: the work the engine's scores need (MFU counts these), what
+        # it issued (tokens fed ahead of rows that leave the trie too), and batched_hooked's
+        "engine_flops_per_eval": needed / n,
+        "engine_issued_flops_per_eval": issued / n,
+        "batched_hooked_flops_per_eval": hooked_flops / n,
+        "flop_ratio_vs_batched_hooked": hooked_flops / needed,
         "max_abs_diff_engine_vs_hooked": max(
             (a - b).abs().max().item() for a, b in zip(engine_scores, hooked)
         ),
     }
 
+
+# the methods whose FLOPs are counted
+COUNTED = ("engine", "batched_hooked")
 
 # the stage whose evaluations (results.jsonl `evals`) each family stands for
 STAGE_OF = {
@@ -369,14 +398,25 @@ def mix(timings: dict[str, dict], weights: dict[str, float], peak: float) -> dic
         method: sum(w / timings[f]["evals_per_s"][method] for f, w in weights.items())
         for method in ("naive", "batched_hooked", "engine")
     }
-    flops = sum(w * timings[f]["engine_flops_per_eval"] for f, w in weights.items())
+    flops = {
+        method: sum(w * timings[f][f"{method}_flops_per_eval"] for f, w in weights.items())
+        for method in COUNTED
+    }
     return {
         "weights": weights,
         "evals_per_s": {method: 1 / s for method, s in per_eval.items()},
         "ratio_vs_batched_hooked": per_eval["batched_hooked"] / per_eval["engine"],
         "ratio_vs_naive": per_eval["naive"] / per_eval["engine"],
-        "mfu": flops / per_eval["engine"] / peak,
+        "flop_ratio_vs_batched_hooked": flops["batched_hooked"] / flops["engine"],
+        **utilisation(flops, {m: 1 / per_eval[m] for m in COUNTED}, peak),
     }
+
+
+def utilisation(flops: dict[str, float], evals_per_s: dict[str, float], peak: float) -> dict:
+    """MFU of the engine (the FLOPs its scores need) and of batched_hooked, per second
+    against the matmul peak."""
+    mfu = {m: flops[m] * evals_per_s[m] / peak for m in COUNTED}
+    return {"mfu": mfu["engine"], "batched_hooked_mfu": mfu["batched_hooked"]}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -388,11 +428,13 @@ def run(cfg: DictConfig) -> dict:
     timings = {name: time_family(ctx, fam, name, batch, bench) for name in fam.calls}
     peak = matmul_peak(lm.device, lm.dtype)
     for t in timings.values():
-        t["mfu"] = t["engine_flops_per_eval"] * t["evals_per_s"]["engine"] / peak
+        flops = {m: t[f"{m}_flops_per_eval"] for m in COUNTED}
+        t |= utilisation(flops, t["evals_per_s"], peak)
     mixed = mix(timings, mix_weights(bench.mix_run, timings), peak)
     agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
     return {
         "ratio_vs_batched_hooked": mixed["ratio_vs_batched_hooked"],
+        "flop_ratio_vs_batched_hooked": mixed["flop_ratio_vs_batched_hooked"],
         "ratio_vs_naive": mixed["ratio_vs_naive"],
         "mfu": mixed["mfu"],
         "mix": mixed,

@@ -43,6 +43,12 @@ def test_benchmark_writes_its_figures(tmp_path):
     for timing in families.values():
         assert set(timing["evals_per_s"]) == {"naive", "batched_hooked", "engine"}
         assert timing["ratio_vs_batched_hooked"] > 0 and 0 < timing["mfu"] < 1.5
+        assert 0 < timing["batched_hooked_mfu"] < 1.5
+        # the engine's walk fed ahead issues at least the work its scores need; the hooked
+        # forward runs every block for every row and generates the whole opening
+        needed = timing["engine_flops_per_eval"]
+        assert timing["engine_issued_flops_per_eval"] >= needed > 0
+        assert timing["flop_ratio_vs_batched_hooked"] > 1
     mix = result["mix"]
     assert abs(sum(mix["weights"].values()) - 1) < 1e-9
     # the mix's rate lies between its families' slowest and fastest
@@ -68,10 +74,15 @@ def test_mix_weights_follow_a_runs_evaluations_per_stage(tmp_path):
             "n_masks": 1,
             "evals_per_s": dict.fromkeys(("naive", "batched_hooked", "engine"), r),
             "engine_flops_per_eval": 1.0,
+            "batched_hooked_flops_per_eval": 3.0,
         }
         for f, r in [("greedy", 1.0), ("fm", 2.0), ("dormant", 4.0)]
     }
     weights = mix_weights(str(tmp_path), timings)
     assert weights == {"greedy": 0.3, "fm": 0.6, "dormant": 0.1}
     # 0.3 / 1 + 0.6 / 2 + 0.1 / 4 seconds per evaluation
-    assert abs(mix(timings, weights, peak=1.0)["evals_per_s"]["engine"] - 1 / 0.625) < 1e-9
+    mixed = mix(timings, weights, peak=1.0)
+    assert abs(mixed["evals_per_s"]["engine"] - 1 / 0.625) < 1e-9
+    assert abs(mixed["flop_ratio_vs_batched_hooked"] - 3.0) < 1e-9
+    # one FLOP an evaluation at 1 / 0.625 evaluations a second, against a peak of 1
+    assert abs(mixed["mfu"] - 1 / 0.625) < 1e-9

@@ -71,6 +71,10 @@ def test_opening_score_follows_greedy_decoding_through_the_trie():
     row = next(i for i, g in enumerate(greedy) if g[0] == 5)
     margin = steps[0, row, 5] - steps[0, row, [0, 2, 3, 4]].max()
     assert scores[row].item() == pytest.approx(margin.item())
+    # walked one token a call, the same scores: every token fed is one whose logits are read
+    fed, calls = 1, []
+    assert torch.equal(trie.stepwise().score(steps[0], next_logits), scores)
+    assert calls == [1, 1, 1, 1]
 
 
 def test_refusal_openings_are_the_markers_in_reply_context(tiny_llama):
