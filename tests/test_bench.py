@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.conftest import CONF
+from refusal.engine import PromptProbe
+from refusal.judge import Openings
+from tests.conftest import CONF, tiny_engine
+from tests.test_engine import PROMPT, active_features, clean_reply
 
 
 @pytest.mark.slow
@@ -86,3 +90,26 @@ def test_mix_weights_follow_a_runs_evaluations_per_stage(tmp_path):
     assert abs(mixed["flop_ratio_vs_batched_hooked"] - 3.0) < 1e-9
     # one FLOP an evaluation at 1 / 0.625 evaluations a second, against a peak of 1
     assert abs(mixed["mfu"] - 1 / 0.625) < 1e-9
+
+
+def test_mfu_counts_the_walk_one_token_a_pass(tiny_llama):
+    """Where the markers' trie does not branch the engine feeds the next tokens in one pass,
+    ahead of rows that may then leave it; MFU counts the FLOPs of the walk one token a pass,
+    which gives the same scores."""
+    from benchmarks.ablation_throughput import Call, engine_flops
+
+    reply, _ = clean_reply(tiny_llama, 3)
+    # an opening that follows the clean reply for two tokens, then leaves it: fed in one
+    # pass, the third token's position is computed and never read
+    vocab = tiny_llama.model.config.vocab_size
+    leaves = [reply[0], reply[1], (reply[2] + 1) % vocab, reply[2]]
+    engine = tiny_engine(tiny_llama, layers=(1, 2), openings=Openings.build([leaves]))
+    probe = PromptProbe(engine, engine.prepare(PROMPT))
+    features = active_features(engine, probe.cache)
+    masks = torch.zeros(1, len(features))  # the clean prompt: its greedy reply is `reply`
+    issued, needed = engine_flops(engine, probe, Call(features, masks))
+    assert issued > needed
+    stepwise = tiny_engine(tiny_llama, layers=(1, 2), openings=Openings.build([leaves]).stepwise())
+    torch.testing.assert_close(
+        stepwise.score(probe.cache, features, masks), probe.score(features, masks)
+    )

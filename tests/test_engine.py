@@ -36,9 +36,8 @@ def reference_scores(engine, features, masks) -> torch.Tensor:
     return hooked_scores(engine, PROMPT, features, masks, batch_size=1)
 
 
-def own_openings(lm, n: int = 4) -> Openings:
-    """Openings a random model's greedy reply walks deep into: its own first n tokens, and
-    each first token's runner-up after the first (so paths both finish and leave)."""
+def clean_reply(lm, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The model's greedy reply to PROMPT (n tokens) and the logits before each token."""
     batch = lm.tokenize([PROMPT])
     out = lm.model.generate(
         **batch,
@@ -48,8 +47,14 @@ def own_openings(lm, n: int = 4) -> Openings:
         output_logits=True,
         return_dict_in_generate=True,
     )
-    reply = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
-    runner_up = int(out.logits[1][0].topk(2).indices[1])
+    return out.sequences[0, batch["input_ids"].shape[1] :].tolist(), list(out.logits)
+
+
+def own_openings(lm, n: int = 4) -> Openings:
+    """Openings a random model's greedy reply walks deep into: its own first n tokens, and
+    each first token's runner-up after the first (so paths both finish and leave)."""
+    reply, logits = clean_reply(lm, n)
+    runner_up = int(logits[1][0].topk(2).indices[1])
     return Openings.build([reply, [reply[0], runner_up, reply[2]]])
 
 
