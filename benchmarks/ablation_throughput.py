@@ -66,7 +66,7 @@ from refusal.context import Context, Work
 from refusal.engine import Engine, PromptProbe
 from refusal.features import Feature
 from refusal.pipeline import setup
-from refusal.records import BaselineRecord, PromptResult, Row
+from refusal.records import BaselineRecord, Candidate, PromptResult, Row
 from refusal.reference import flipped, hooked_scores, naive_replies
 from refusal.rundir import RunDir
 from refusal.stages import direction, dormant, greedy, random_control
@@ -163,14 +163,14 @@ def engine_flops(engine: Engine, probe: PromptProbe, call: Call) -> tuple[float,
     return issued, needed
 
 
-def candidates(ctx: Context, prompt_id: int, prompt: str) -> tuple[PromptProbe, list[Feature]]:
+def candidates(ctx: Context, prompt_id: int, prompt: str) -> tuple[PromptProbe, list[Candidate]]:
     """The search's candidates for a prompt, and the engine bound to it. Its baseline row is
     left unjudged (no generation): the benchmark reads the probe's clean score instead."""
     baseline = BaselineRecord(
         prompt_id=prompt_id, instruction=prompt, score=float("nan"), reply="", refused=False
     )
     work = Work(ctx, PromptResult(baseline))
-    return work.probe, [c.feature for c in greedy.candidates(ctx, work)]
+    return work.probe, greedy.candidates(ctx, work)
 
 
 def greedy_comparison(ctx: Context, prompts: list[str]) -> dict:
@@ -181,7 +181,8 @@ def greedy_comparison(ctx: Context, prompts: list[str]) -> dict:
     for prompt_id, prompt in enumerate(
         tqdm(prompts, desc="greedy: batched vs one at a time", unit="prompt")
     ):
-        probe, features = candidates(ctx, prompt_id, prompt)
+        probe, found = candidates(ctx, prompt_id, prompt)
+        features = [c.feature for c in found]
         if probe.cache.score < ctx.threshold or not features:
             continue
         row: dict[str, Any] = {"n_candidates": len(features)}
@@ -213,7 +214,7 @@ def flip_agreement(ctx: Context, prompts: list[str], bench: DictConfig) -> dict:
         probe, found = candidates(ctx, prompt_id, prompt)
         if probe.cache.score < ctx.threshold:
             continue
-        minimal = greedy.minimal_set(probe, found, ctx.flip_threshold).minimal
+        minimal = greedy.minimal_set(probe, [c.feature for c in found], ctx.flip_threshold).minimal
         extra = fm.extra_features(minimal, found, probe.latents(), c.max_extra)
         masks = fm.sample_masks(bench.n_naive, len(minimal), len(extra), c.p_extra, ctx.cfg.seed)
         features = minimal + extra
@@ -264,11 +265,12 @@ def families(ctx: Context, prompts: list[str]) -> Families:
     for prompt_id, prompt in enumerate(prompts):
         probe, found = candidates(ctx, prompt_id, prompt)
         greedy_calls = Recorder(probe)
-        minimal = greedy.minimal_set(greedy_calls, found, ctx.flip_threshold).minimal
+        features = [c.feature for c in found]
+        minimal = greedy.minimal_set(greedy_calls, features, ctx.flip_threshold).minimal
         if minimal:
             return _around(ctx, prompt_id, prompt, probe, found, minimal, True, greedy_calls.calls)
         if fallback is None and found:
-            fallback = prompt_id, prompt, probe, found, found[:4], False, greedy_calls.calls
+            fallback = prompt_id, prompt, probe, found, features[:4], False, greedy_calls.calls
     if fallback is None:
         raise RuntimeError("no eval prompt has a candidate feature to benchmark on")
     return _around(ctx, *fallback)
@@ -279,7 +281,7 @@ def _around(
     prompt_id: int,
     prompt: str,
     probe: PromptProbe,
-    found: list[Feature],
+    found: list[Candidate],
     minimal: list[Feature],
     real: bool,
     greedy_calls: list[Call],

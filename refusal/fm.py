@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
 from refusal.features import Feature
-from refusal.records import FMReadout, MainEffect, Pair
+from refusal.records import Candidate, FMReadout, MainEffect, Pair
 
 LEVEL = 0.95  # of the gain's two-sided percentile bootstrap interval
 # Lightning's per-Trainer notices (GPU/TPU available, tips): every prompt fits two models
@@ -143,14 +143,17 @@ class MaskDataModule(L.LightningDataModule):
 
 def extra_features(
     minimal: list[Feature],
-    candidates: list[Feature],
+    candidates: list[Candidate],
     clean: dict[int, torch.Tensor],
     max_extra: int,
 ) -> list[Feature]:
-    """Features beside M that the FM also samples: the other candidates first, then each
-    layer's most active latents on the prompt (clean: (positions, d_sae) latents per
-    layer, at the positions an edit acts on)."""
-    extra = [f for f in candidates if f not in minimal]
+    """Features beside M that the FM also samples: the other candidates, most aligned with
+    the refusal direction first, then each layer's most active latents on the prompt
+    (clean: (positions, d_sae) latents per layer, at the positions an edit acts on).
+    Candidates come layer by layer; taken in that order, every extra would be a latent of
+    the first SAE layer, and the FM would never pair M with a later one."""
+    ranked = sorted(candidates, key=lambda c: -c.cos)
+    extra = [c.feature for c in ranked if c.feature not in minimal]
     for layer, z in clean.items():
         extra += [
             Feature(layer, int(i)) for i in z.max(0).values.argsort(descending=True)[:max_extra]

@@ -9,6 +9,7 @@ from torchmetrics.functional.classification import binary_auroc
 from refusal import fm, pipeline
 from refusal.errors import ConfigError
 from refusal.features import Feature
+from refusal.records import Candidate
 from tests.conftest import make_cfg
 
 FEATURES = [Feature(1, i) for i in range(10)]
@@ -206,3 +207,16 @@ def test_fits_are_quiet_but_keep_warnings(tmp_path, caplog):
 def test_a_sample_step_that_is_not_positive_is_a_config_error():
     with pytest.raises(ConfigError, match="search.fm.sample_step"):
         pipeline.validate(make_cfg(["search.fm.sample_step=0"]))
+
+
+def test_the_fms_extras_are_the_most_aligned_candidates_of_any_layer():
+    """Candidates come layer by layer; the extras are the other candidates by alignment
+    with the refusal direction, then each layer's most active latents, never M."""
+    candidates = [
+        Candidate(feature=Feature(layer, latent), cos=cos)
+        for layer, latent, cos in [(4, 1, 0.10), (4, 2, 0.12), (8, 3, 0.30), (12, 4, 0.20)]
+    ]
+    minimal = [Feature(12, 4)]
+    clean = {4: torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 5.0]]), 8: torch.zeros(1, 8)}
+    extra = fm.extra_features(minimal, candidates, clean, max_extra=4)
+    assert extra == [Feature(8, 3), Feature(4, 2), Feature(4, 1), Feature(4, 5)]

@@ -22,8 +22,7 @@ def run(ctx: Context, work: Work) -> InteractionsRecord:
     cfg, greedy, prompt_id = ctx.cfg.search.fm, work.result.greedy, work.result.prompt_id
     assert greedy is not None
     minimal = greedy.minimal
-    candidates = [c.feature for c in greedy.candidates]
-    extra = fm.extra_features(minimal, candidates, work.clean, cfg.max_extra)
+    extra = fm.extra_features(minimal, greedy.candidates, work.clean, cfg.max_extra)
     features = minimal + extra
     masks = fm.sample_masks(
         cfg.n_masks, len(minimal), len(extra), cfg.p_extra, ctx.cfg.seed + prompt_id
