@@ -8,7 +8,13 @@ each row selects, at every position but those holding special tokens (unless
 `special_tokens`; the cache holds the residual before any edit either way); rows that
 intervene on the same features up to an SAE layer run the blocks before it once, a
 latent that reads zero at every edited prompt position counting as untouched (ablating
-it changes nothing there; on the reply's tokens each row keeps its own mask). Rows
+it changes nothing there; on the reply's tokens each row keeps its own mask). Each call
+also runs one reference row through the whole prompt, the mask most rows agree with
+(the clean prompt when that is no edit): in a causal model a row's positions before the
+first one where its edits and the reference's differ are the reference's at every
+block, so a batch starts at its rows' earliest such position, from the reference's keys
+and values of the tokens before it (greedy's rows, every candidate ablated but one,
+start where that one first fires). Rows
 whose greedy reply opens like a refusal then decode a few more tokens through a KV
 cache, to see whether it becomes a whole refusal marker (judge.Openings); where the
 markers' trie does not branch, the tokens that follow are fed in one pass.
@@ -40,17 +46,34 @@ from refusal.interventions import (
 from refusal.judge import Openings, refusal_openings
 from refusal.models import LM, KVCache
 
+# A reference row runs every block at every position: on fewer distinct masks than this,
+# what it saves them seldom pays for it (greedy's last steps score a few masks each).
+REFERENCE_ROWS = 8
+
+
+@dataclass
+class Reference:
+    """One mask run through the whole prompt: rows are computed against it."""
+
+    mask: torch.Tensor | None  # (len(features),) in {0,1}; None: no edit, the clean prompt
+    residuals: dict[int, torch.Tensor]  # (T, d) at each SAE layer, before that layer's edit
+    kv: KVCache  # keys and values at every block
+
 
 @dataclass
 class PromptCache:
-    """One prompt, run once up to the engine's first SAE layer."""
+    """One prompt, run once clean: what every scoring of it starts from."""
 
     instruction: str
     input_ids: torch.Tensor  # (1, T)
     hidden: torch.Tensor  # (1, T, d): residual at layer `start`, before any edit
     latents: torch.Tensor  # (T, d_sae): the first SAE's latents on `hidden`
-    kv: KVCache  # keys and values of blocks 0..start
+    clean: Reference
     score: float  # clean opening score
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
 
 
 class Engine:
@@ -82,13 +105,13 @@ class Engine:
         self,
         features: list[Feature],
         masks: torch.Tensor | None = None,
-        cache: PromptCache | None = None,
+        latents: torch.Tensor | None = None,
     ) -> FeatureEdit:
         """The intervention on `features`, row b of a batch per masks[b] (all of them on
-        every row by default), at every position; with a prompt's cache, the first SAE
-        layer reads its cached latents instead of encoding again."""
+        every row by default), at every position; given the first SAE layer's latents
+        there ((T, d_sae), a prompt's cache), that layer reads them instead of encoding."""
         masks = torch.ones(1, len(features), device=self.lm.device) if masks is None else masks
-        cached = None if cache is None else (self.start, cache.latents)
+        cached = None if latents is None else (self.start, latents)
         return FeatureEdit(self.intervention, self.saes, features, masks, self.lm.dtype, cached)
 
     def spared(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -101,26 +124,91 @@ class Engine:
         features: list[Feature],
         masks: torch.Tensor,
         ids: torch.Tensor,
-        cache: PromptCache | None = None,
+        latents: torch.Tensor | None = None,
     ) -> Edit:
         """feature_edit over the tokens `ids` ((B or 1, T)), their spared positions left alone."""
-        return sparing(self.feature_edit(features, masks, cache), self.spared(ids))
+        return sparing(self.feature_edit(features, masks, latents), self.spared(ids))
 
     # -- per-prompt cache and the hot loop ---------------------------------------------
 
     @torch.no_grad()
     def prepare(self, instruction: str) -> PromptCache:
-        """Run the prompt to the first SAE layer once; check numerics on a clean pass."""
-        batch = self.lm.tokenize([instruction])
-        kv = KVCache()
-        h = self.lm.run_blocks(
-            self.lm.embed(batch["input_ids"]), 0, self.start + 1, edit=_check_finite, cache=kv
-        )
-        latents = self.saes[self.start].encode(h[0])
-        lower = copy.deepcopy(kv)
-        rest = self.lm.run_blocks(h, self.start + 1, edit=_check_finite, cache=kv)
-        score = self._opening_scores(rest[:, -1], [], torch.ones(1, 0, device=h.device), kv).item()
-        return PromptCache(instruction, batch["input_ids"], h, latents, lower, score)
+        """Run the prompt once, keeping what scoring starts from; check numerics."""
+        ids = self.lm.tokenize([instruction])["input_ids"]
+        clean, h = self._recorded(ids, None, _check_finite)
+        kv = copy.deepcopy(clean.kv)  # the walk below appends to it
+        score = self._opening_scores(h[:, -1], [], torch.ones(1, 0, device=h.device), kv).item()
+        start = clean.residuals[self.start][None]
+        latents = self.saes[self.start].encode(start[0])
+        return PromptCache(instruction, ids, start, latents, clean, score)
+
+    def _recorded(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, edit: Edit
+    ) -> tuple[Reference, torch.Tensor]:
+        """The prompt `ids` run whole under `edit` (that of `mask`), as a Reference, and
+        the last block's residual."""
+        kv, residuals = KVCache(), {}
+
+        def record(layer: int, h: torch.Tensor) -> torch.Tensor:
+            if layer in self.saes:
+                residuals[layer] = h[0]
+            return edit(layer, h)
+
+        h = self.lm.run_blocks(self.lm.embed(ids), 0, edit=record, cache=kv)
+        return Reference(mask, residuals, kv), h
+
+    def reference(self, cache: PromptCache, features: list[Feature], masks: torch.Tensor):
+        """The Reference for scoring `masks`: the mask most of them agree with, feature by
+        feature; the clean prompt, already run, when that ablates nothing or when the
+        masks are too few to pay for one more row (REFERENCE_ROWS)."""
+        if not self.intervention.silent_is_identity or len(masks) < REFERENCE_ROWS:
+            return cache.clean  # (without: the edit acts wherever a row selects a feature)
+        mask = (masks.float().mean(0) > 0.5).to(masks.dtype)
+        if not mask.any():
+            return cache.clean
+        edit = self.edit(features, mask[None], cache.input_ids, cache.latents)
+        return self._recorded(cache.input_ids, mask, edit)[0]
+
+    def onsets(
+        self, cache: PromptCache, features: list[Feature], reference: Reference | None = None
+    ) -> torch.Tensor:
+        """Per feature, the first prompt position where editing it or not matters on the
+        reference (clean by default): where it fires there (anywhere, if the edit does
+        not depend on what the latent reads), spared positions left out; the prompt's
+        length if none."""
+        residuals = (reference or cache.clean).residuals
+        onset = torch.full((len(features),), cache.length, dtype=torch.long)
+        spared = self.spared(cache.input_ids)
+        for layer in sorted({f.layer for f in features}):
+            cols = [i for i, f in enumerate(features) if f.layer == layer]
+            idx = torch.tensor([features[i].latent for i in cols], device=cache.hidden.device)
+            if not self.intervention.silent_is_identity:
+                fires = torch.ones(cache.length, len(cols), dtype=torch.bool)
+            elif layer == self.start:  # no mask changes the first SAE layer's latents
+                fires = (cache.latents[:, idx] > 0).cpu()
+            else:
+                fires = (latent_acts(self.saes[layer], residuals[layer], idx) > 0).cpu()
+            if spared is not None:
+                fires &= ~spared[0, :, None].cpu()
+            first = fires.float().argmax(0)  # the first True; 0 where there is none
+            onset[cols] = torch.where(fires.any(0), first, cache.length)
+        return onset
+
+    def starts(
+        self,
+        cache: PromptCache,
+        features: list[Feature],
+        masks: torch.Tensor,
+        reference: Reference,
+    ) -> torch.Tensor:
+        """Each row's first position that differs from the reference's: the earliest
+        onset of a feature where the two masks differ (by induction over positions: before
+        it the same latents fire and the same are edited). At most the last position,
+        whose logits are read."""
+        differs = masks != (0 if reference.mask is None else reference.mask)
+        onset = self.onsets(cache, features, reference).to(masks.device)
+        first = torch.where(differs, onset, cache.length - 1)
+        return torch.cat([first, first.new_full((len(masks), 1), cache.length - 1)], 1).amin(1)
 
     @torch.no_grad()
     def score(
@@ -137,22 +225,42 @@ class Engine:
             self.tune = False
             self.tune_batch_size(cache, features)
         distinct, row = torch.unique(masks, dim=0, return_inverse=True)
-        scores = self._batched(distinct, lambda chunk: self._score_chunk(cache, features, chunk))
+        reference = self.reference(cache, features, distinct)
+        # rows that part from the reference late batched together: a batch starts at its
+        # earliest
+        starts = self.starts(cache, features, distinct, reference)
+        order = starts.argsort(descending=True, stable=True)
+        scored = self._batched(
+            distinct[order], lambda chunk: self._score_chunk(cache, features, chunk, reference)
+        )
+        scores = torch.empty_like(scored)
+        scores[order.cpu()] = scored
         self.evals += len(distinct)
         return scores[row.cpu()]
 
     def _score_chunk(
-        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor, share: bool = True
+        self,
+        cache: PromptCache,
+        features: list[Feature],
+        masks: torch.Tensor,
+        reference: Reference | None = None,
+        share: bool = True,
     ) -> torch.Tensor:
         """Scores of a batch of distinct masks. Rows whose edits agree up to an SAE layer run
         the blocks before it once: the batch branches at each SAE layer into the distinct
         edits so far (greedy's single removals and the dormant checks differ only late).
         Ablating a latent that is zero at every edited prompt position changes nothing, so
         rows that differ only in such latents stay together (after greedy has ablated
-        every candidate, many later ones are silent). share=False runs every row through
-        every block, as the FM's random masks do anyway."""
-        kv = copy.deepcopy(cache.kv)
-        h = cache.hidden  # one state, the clean prompt; state[r]: row r's state in h
+        every candidate, many later ones are silent). The batch starts where its first
+        row parts from the reference (clean by default; module docstring). share=False
+        runs every row through every block at every position."""
+        reference = reference or cache.clean
+        # a sliding window's cache has dropped the earliest positions: start at the first
+        shared = share and reference.kv.whole
+        begin = int(self.starts(cache, features, masks, reference).min()) if shared else 0
+        kv = reference.kv.head(begin)
+        ids, latents = cache.input_ids[:, begin:], cache.latents[begin:]
+        h = cache.hidden[:, begin:]  # one state, the clean prompt; state[r]: row r's state in h
         state = torch.zeros(len(masks), dtype=torch.long, device=masks.device)
         own = torch.arange(len(masks), device=masks.device)[:, None]  # share=False: one each
         edited = masks.clone()  # masks less the latents silent where they would be edited
@@ -160,7 +268,7 @@ class Engine:
         for layer, stop in zip(layers, [*layers[1:], self.lm.n_layers - 1]):
             cols = [i for i, f in enumerate(features) if f.layer == layer]
             if share and self.intervention.silent_is_identity:
-                active = self._active(cache, [features[i] for i in cols], layer, h)
+                active = self._active(latents, ids, [features[i] for i in cols], layer, h)
                 edited[:, cols] = masks[:, cols] * active[state]
             key = torch.cat([state[:, None], edited[:, cols].long(), *([] if share else [own])], 1)
             state, first = _unique_rows(key)
@@ -168,23 +276,31 @@ class Engine:
             if not torch.equal(parent, torch.arange(len(h), device=h.device)):
                 h = h[parent]
                 kv.batch_select_indices(parent)
-            edit = self.edit(features, edited[first], cache.input_ids, cache)
-            h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv)
+            edit = self.edit(features, edited[first], ids, latents)
+            h = self.lm.run_blocks(edit(layer, h), layer + 1, stop + 1, cache=kv, past=begin)
+        # no edit reaches the blocks below the first SAE layer: clean at every position
+        kv.extend(cache.clean.kv, range(self.start + 1), begin, rows=len(h))
         # the reply's tokens are edited with each row's own mask (a latent silent on the
         # prompt may fire on them): rows sharing a state part once their opening starts
         return self._opening_scores(h[:, -1], features, masks, kv, state).cpu()
 
     def _active(
-        self, cache: PromptCache, features: list[Feature], layer: int, h: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        ids: torch.Tensor,
+        features: list[Feature],
+        layer: int,
+        h: torch.Tensor,
     ) -> torch.Tensor:
         """Which of `features` (all at `layer`) fire at some position the edit touches, in
-        each state of h (S, T, d): (S, len(features)) bool."""
+        each state of h (S, T, d) over the tokens `ids` (1, T), whose first SAE layer's
+        latents are `latents` (T, d_sae): (S, len(features)) bool."""
         idx = torch.tensor([f.latent for f in features], device=h.device, dtype=torch.long)
         if layer == self.start:  # no mask changes the first SAE layer's latents
-            acts = cache.latents[None, :, idx]
+            acts = latents[None, :, idx]
         else:
             acts = latent_acts(self.saes[layer], h, idx)
-        spared = self.spared(cache.input_ids)
+        spared = self.spared(ids)
         fires = acts > 0
         if spared is not None:
             fires = fires & ~spared[..., None]
@@ -296,7 +412,7 @@ class Engine:
         mask = (
             torch.ones(1, len(features)) if mask is None else torch.as_tensor(mask).reshape(1, -1)
         )
-        edit = self.edit(features, mask.to(self.lm.device), cache.input_ids, cache)
+        edit = self.edit(features, mask.to(self.lm.device), cache.input_ids, cache.latents)
         seen = {self.start: cache.latents}
 
         def record(layer: int, h: torch.Tensor) -> torch.Tensor:

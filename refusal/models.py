@@ -6,12 +6,13 @@ Layer convention, used everywhere: layer L is the output of decoder block L, i.e
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import inspect
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +30,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from refusal import planted
@@ -230,6 +236,57 @@ class KVCache(DynamicCache):
     @torch.compiler.disable
     def update(self, *args, **kwargs):
         return super().update(*args, **kwargs)
+
+    @property
+    def blocks(self) -> list[DynamicLayer]:
+        """One layer per block run (the models here cache plain or sliding-window keys)."""
+        return cast(list[DynamicLayer], self.layers)
+
+    @property
+    def whole(self) -> bool:
+        """Whether every block holds every position it has seen (a sliding window keeps
+        only the latest)."""
+        return all(
+            held == getattr(layer, "cumulative_length", held)
+            for layer in self.blocks
+            for held in [_keys_values(layer)[0].shape[-2]]
+        )
+
+    def head(self, n: int) -> KVCache:
+        """A copy holding the first n positions at every block (of a whole cache). Views:
+        updates concatenate and batch selections index, so neither writes into this one."""
+        head = copy.copy(self)
+        head.layers = [copy.copy(layer) for layer in self.blocks]
+        for layer in head.blocks:
+            if n == 0:  # batch selection skips empty blocks: they start afresh instead
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+            else:
+                layer.keys, layer.values = (t[..., :n, :] for t in _keys_values(layer))
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = n
+        return head
+
+    def extend(self, source: KVCache, blocks: Iterable[int], start: int, rows: int) -> None:
+        """Append to `blocks` what `source` (batch 1) holds from position `start` on,
+        for each of `rows` rows."""
+        for b in blocks:
+            mine, theirs = self.blocks[b], source.blocks[b]
+            keys, values = (
+                t[..., start:, :].expand(rows, -1, -1, -1) for t in _keys_values(theirs)
+            )
+            if mine.is_initialized:
+                held = _keys_values(mine)
+                keys, values = torch.cat([held[0], keys], -2), torch.cat([held[1], values], -2)
+            mine.keys, mine.values, mine.is_initialized = keys, values, True
+            mine.device = keys.device
+            if isinstance(mine, DynamicSlidingWindowLayer):
+                mine.cumulative_length = cast(DynamicSlidingWindowLayer, theirs).cumulative_length
+
+
+def _keys_values(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    assert layer.keys is not None and layer.values is not None, "an uninitialised cache block"
+    return layer.keys, layer.values
 
 
 def _attention_masks(config, hidden, attention_mask, position_ids, cache=None) -> dict:

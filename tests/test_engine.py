@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from refusal import models
-from refusal.engine import PromptProbe
+from refusal.engine import REFERENCE_ROWS, PromptProbe
 from refusal.features import Feature
 from refusal.forwards import hooked
 from refusal.interventions import Ablation, Steer
@@ -121,10 +121,10 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
     expected = engine.score(cache, features, masks)
     real = engine._score_chunk
 
-    def flaky(cache, features, masks):
+    def flaky(cache, features, masks, reference):
         if len(masks) > 2:
             raise torch.OutOfMemoryError("simulated")
-        return real(cache, features, masks)
+        return real(cache, features, masks, reference)
 
     monkeypatch.setattr(engine, "_score_chunk", flaky)
     got = engine.score(cache, features, masks)
@@ -159,6 +159,59 @@ def test_rows_that_differ_late_share_the_blocks_before(tiny_llama):
         torch.testing.assert_close(scores, reference_scores(engine, features, masks))
     # 7 rows, 4 distinct at layer 1: blocks 2..3 run for 4 rows instead of 7
     assert flops[True] < 0.8 * flops[False]
+
+
+def fire_late(engine, cache, early: list[Feature], layer: int, after: int, n: int) -> list[Feature]:
+    """n latents of the SAE at `layer` (above the first) shifted to fire only from position
+    `after` on, with the `early` features (all at the first) ablated: the n that fire
+    most there."""
+    sae = engine.saes[layer]
+    ones = torch.ones(1, len(early))
+    edit = engine.edit(early, ones, cache.input_ids, cache.latents)
+    with torch.no_grad():
+        h = engine.lm.run_blocks(edit(engine.start, cache.hidden), engine.start + 1, layer + 1)
+        pre = (h[0] - sae.b_dec * sae.cfg.apply_b_dec_to_input) @ sae.W_enc + sae.b_enc
+        before = pre[:after].max(0).values
+        chosen = (pre[after:].max(0).values - before).topk(n).indices
+        sae.b_enc[chosen] -= before[chosen] + 1e-3
+    assert (pre[after:, chosen].max(0).values > before[chosen] + 1e-3).all()
+    return [Feature(layer, int(i)) for i in chosen]
+
+
+def test_rows_start_where_they_part_from_the_reference(tiny_llama, monkeypatch):
+    """Greedy's single removals, every feature ablated but one: before the kept feature
+    first fires a row equals the reference row (every feature ablated), so rows keeping
+    late-firing features run the prompt's later positions only, from the reference's
+    keys and values, and score as when every row runs whole."""
+    engine = tiny_engine(tiny_llama, layers=(1, 2))
+    cache = engine.prepare(PROMPT)
+    after = cache.length // 2
+    early = active_features(engine, cache, per_layer=1)[:1]  # layer 1, fires early
+    late = fire_late(engine, cache, early, layer=2, after=after, n=REFERENCE_ROWS - 1)
+    features = [*early, *late]
+    masks = torch.ones(REFERENCE_ROWS, len(features))
+    masks[1:, 1:] = 1 - torch.eye(len(late))
+    reference = engine.reference(cache, features, masks)
+    assert reference.mask.tolist() == [1.0] * len(features)
+    assert engine.starts(cache, features, masks, reference).min() >= after
+    assert engine.starts(cache, features, masks, cache.clean).min() < after  # clean: early
+    positions = []
+    run_blocks = tiny_llama.run_blocks
+
+    def counted(h, start, *args, **kwargs):
+        if start > 0:  # the prompt's blocks after the first SAE layer (the walk starts at 0)
+            positions.append(h.shape[0] * h.shape[1])
+        return run_blocks(h, start, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama, "run_blocks", counted)
+    scores = {}
+    for name, ref in (("reference", reference), ("clean", None)):
+        positions.clear()
+        scores[name] = engine._score_chunk(cache, features, masks, ref)
+        torch.testing.assert_close(scores[name], reference_scores(engine, features, masks))
+        if name == "reference":  # one state to layer 2, then one a row: T - after positions
+            assert sum(positions) <= (1 + len(masks)) * (cache.length - after)
+    assert not torch.equal(scores["reference"], cache.score * torch.ones(len(masks)))
 
 
 def silence_on_prompt(
@@ -199,7 +252,7 @@ def test_rows_that_differ_only_in_silent_latents_share_blocks(tiny_llama, monkey
     run_blocks = tiny_llama.run_blocks
 
     def counted(h, start, *args, **kwargs):
-        if start == 3 and h.shape[1] == cache.input_ids.shape[1]:
+        if start == 3:
             rows_after_layer_2.append(len(h))
         return run_blocks(h, start, *args, **kwargs)
 
@@ -305,7 +358,9 @@ def test_special_token_positions_are_left_alone_unless_asked(tiny_llama):
         assert not torch.allclose(spliced[where], cache.hidden[0][where])
     ones = torch.ones(1, len(features))
     edited = {
-        special_tokens: engine.edit(features, ones, cache.input_ids, cache)(1, cache.hidden)[0]
+        special_tokens: engine.edit(features, ones, cache.input_ids, cache.latents)(
+            1, cache.hidden
+        )[0]
         for special_tokens, engine in engines.items()
     }
     close = dict(rtol=1e-4, atol=1e-4)
