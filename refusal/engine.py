@@ -157,7 +157,9 @@ class Engine:
         h = self.lm.run_blocks(self.lm.embed(ids), 0, edit=record, cache=kv)
         return Reference(mask, residuals, kv), h
 
-    def reference(self, cache: PromptCache, features: list[Feature], masks: torch.Tensor):
+    def reference(
+        self, cache: PromptCache, features: list[Feature], masks: torch.Tensor
+    ) -> Reference:
         """The Reference for scoring `masks`: the mask most of them agree with, feature by
         feature; the clean prompt, already run, when that ablates nothing or when the
         masks are too few to pay for one more row (REFERENCE_ROWS)."""
@@ -255,7 +257,7 @@ class Engine:
         row parts from the reference (clean by default; module docstring). share=False
         runs every row through every block at every position."""
         reference = reference or cache.clean
-        # a sliding window's cache has dropped the earliest positions: start at the first
+        # a sliding window's cache has dropped the earliest positions: start from position 0
         shared = share and reference.kv.whole
         begin = int(self.starts(cache, features, masks, reference).min()) if shared else 0
         kv = reference.kv.head(begin)
