@@ -247,9 +247,9 @@ class KVCache(DynamicCache):
         """Whether every block holds every position it has seen (a sliding window keeps
         only the latest)."""
         return all(
-            held == getattr(layer, "cumulative_length", held)
+            not isinstance(layer, DynamicSlidingWindowLayer)
+            or _keys_values(layer)[0].shape[-2] == layer.cumulative_length
             for layer in self.blocks
-            for held in [_keys_values(layer)[0].shape[-2]]
         )
 
     def head(self, n: int) -> KVCache:
