@@ -1,14 +1,16 @@
 """A run: set up the model, SAEs and engine, then the configured stages in order.
 
 baseline judges every evaluation prompt; direction runs once; the per-prompt stages
-(refusal.stages) run on each refused prompt in turn, every one appending its row to
-`results.jsonl` as it finishes. A resumed run skips every (stage, prompt) already there.
+(refusal.stages) run on the refused prompts, a chunk of them at a time (`search`), every
+one appending its row to `results.jsonl` as it finishes. A resumed run skips every
+(stage, prompt) already there.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -41,6 +43,7 @@ from refusal.stages import baseline
 from refusal.stages import cards as cards_stage
 from refusal.stages import controls as controls_stage
 from refusal.stages import direction as direction_stage
+from refusal.stages.stage import Stage
 
 console = Console(stderr=True)
 
@@ -70,6 +73,9 @@ def validate(cfg: DictConfig) -> None:
     step = cfg.search.fm.sample_step
     if not (isinstance(step, int) and step > 0):
         raise ConfigError(f"search.fm.sample_step={step} is not a positive number of masks.")
+    together = cfg.search.prompts_together
+    if not (isinstance(together, int) and together > 0):
+        raise ConfigError(f"search.prompts_together={together} is not a positive number.")
     sets = cfg.search.controls.max_sets
     if not (isinstance(sets, int) and sets > 0):
         raise ConfigError(f"search.controls.max_sets={sets} is not a positive number of sets.")
@@ -170,18 +176,39 @@ def load_classifier(cfg: DictConfig) -> judge.ClassifierJudge | None:
         return judge.ClassifierJudge(models.load(cfg.classifier), cfg.classifier.format)
 
 
-def search(ctx: Context, result: PromptResult, names: list[str]) -> PromptResult:
-    """The per-prompt stages `names` on one refused prompt, those already written kept."""
-    work = Work(ctx, result)
-    for name in names:
-        stage = stages.PROMPT_STAGES[name]
-        if name in result.stages or not stage.applies(result):
-            continue
-        evals, started = ctx.engine.evals, time.time()
-        row = stage.run(ctx, work)
-        row.evals, row.seconds = ctx.engine.evals - evals, time.time() - started
-        result.add(ctx.record(row))
-    return result
+def search(ctx: Context, results: list[PromptResult], names: list[str]) -> Iterator[PromptResult]:
+    """The per-prompt stages `names` on the refused prompts, those already written kept.
+
+    Prompts go in chunks of `search.prompts_together`; each stage runs on every prompt of
+    a chunk before the next stage starts, so that a stage which generates (verification)
+    decodes the chunk's replies in one batch. Yields each result once its chunk is done.
+    """
+    size = ctx.cfg.search.prompts_together
+    # a (stage, prompt) done, run or skipped, is 1/len(names) of a prompt
+    form = "{l_bar}{bar}| {n:.1f}/{total} prompts [{elapsed}<{remaining}{postfix}]"
+    with tqdm(total=len(results), desc="search", bar_format=form) as bar:
+        for begin in range(0, len(results), size):
+            works = [Work(ctx, r) for r in results[begin : begin + size]]
+            for name in names:
+                bar.set_postfix_str(name)
+                stage = stages.PROMPT_STAGES[name]
+                todo = [w for w in works if name not in w.result.stages and stage.applies(w.result)]
+                bar.update((len(works) - len(todo)) / len(names))
+                for batch in stage.batches(todo):
+                    _run(ctx, stage, batch)
+                    bar.update(len(batch) / len(names))
+            yield from (w.result for w in works)
+
+
+def _run(ctx: Context, stage: Stage, works: list[Work]) -> None:
+    """Run `stage` on `works` together and write its rows; prompts run together share the
+    time and the engine evaluations equally."""
+    evals, started = ctx.engine.evals, time.time()
+    rows = stage.run_all(ctx, works)
+    for work, row in zip(works, rows, strict=True):
+        row.evals = (ctx.engine.evals - evals) // len(works)
+        row.seconds = (time.time() - started) / len(works)
+        work.result.add(ctx.record(row))
 
 
 def summarize(
@@ -296,8 +323,8 @@ def run(cfg: DictConfig) -> float | None:
     elif "direction" in names:
         ctx.tracker.direction(direction_stage.run(ctx))
         clock.lap("direction")
-        for result in tqdm(refused, desc="search", unit="prompt"):
-            ctx.tracker.prompt(search(ctx, result, per_prompt))
+        for result in search(ctx, refused, per_prompt):
+            ctx.tracker.prompt(result)
         clock.lap("search")
     checks = controls_stage.run(ctx, results) if refused and "controls" in names else None
     if checks is not None:

@@ -13,6 +13,7 @@ from refusal import controls, pipeline
 from refusal.engine import PromptProbe
 from refusal.errors import ConfigError
 from refusal.features import Feature
+from refusal.forwards import Forwards
 from refusal.records import ControlsRecord, PromptResult, join, parse_row
 from tests.conftest import BASE, CONF, TINY, make_cfg
 
@@ -161,13 +162,44 @@ def test_no_refused_prompt_is_a_result_not_a_crash(tmp_path):
     assert summary["n_refused"] == 0 and summary["flip_rate"] is None
 
 
+STAGES = "search.stages=[baseline,direction,greedy,verification]"
+
+
 @pytest.mark.slow
 def test_a_stage_left_out_is_skipped(tmp_path, threshold):
-    stages = "search.stages=[baseline,direction,greedy,verification]"
-    pipeline.run(make_cfg([*BASE, f"judge.threshold={threshold}", stages], tmp_path))
+    pipeline.run(make_cfg([*BASE, f"judge.threshold={threshold}", STAGES], tmp_path))
     searched = [r for r in results(tmp_path) if r.searched]
     assert searched and all(r.stages in (["greedy"], ["greedy", "verification"]) for r in searched)
     assert any(r.verification for r in searched) and not (tmp_path / "fm").exists()
+
+
+@pytest.mark.slow
+def test_prompts_searched_together_find_what_they_find_one_at_a_time(
+    tmp_path, threshold, monkeypatch
+):
+    """search.prompts_together runs each stage on several prompts before the next stage:
+    the rows are those of one prompt at a time, and verification decodes the prompts'
+    replies in fewer generation batches."""
+    batches = []
+    generate = Forwards.generate
+    monkeypatch.setattr(
+        Forwards, "generate", lambda fw, *a, **k: batches.append(1) or generate(fw, *a, **k)
+    )
+    found, generated = {}, {}
+    for together in (1, 8):
+        out = tmp_path / str(together)
+        overrides = [*BASE, f"judge.threshold={threshold}", "data.max_eval=8", STAGES]
+        cfg = make_cfg([*overrides, f"search.prompts_together={together}"], out)
+        batches.clear()
+        pipeline.run(cfg)
+        generated[together] = len(batches)
+        found[together] = [
+            [row and row.model_dump(exclude={"seconds", "evals"}) for row in rows]
+            for rows in ((r.greedy, r.verification) for r in results(out) if r.searched)
+        ]
+    assert sum(r[1] is not None for r in found[1]) >= 2, "two prompts verified"
+    assert found[8] == found[1]
+    assert generated[8] < generated[1]
 
 
 @pytest.mark.parametrize(
