@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from refusal.context import Context
 from refusal.direction import first_token_kl
@@ -122,7 +123,7 @@ def transfer(
     for row, s in enumerate(sources):
         masks[row, [column[f] for f in s.score_minimal]] = 1
     flips = []
-    for target in targets:
+    for target in tqdm(targets, desc="transfer: Ms on each prompt", unit="prompt", leave=False):
         probe = PromptProbe(ctx.engine, ctx.engine.prepare(target.instruction))
         scores = probe.score(features, masks)
         flips.append((scores < ctx.flip_threshold).tolist())
@@ -162,26 +163,28 @@ def cover(
     the set and which prompts it flips."""
     chosen: list[Feature] = []
     covered = [False] * len(probes)
-    while sum(covered) < share * len(probes):
-        trials = [
-            chosen + [f for f in u if f not in chosen]
-            for u in units
-            if any(f not in chosen for f in u)
-        ]
-        trials = [t for t in trials if len(t) <= max_size]
-        if not trials:
-            break
-        features = list(dict.fromkeys(f for t in trials for f in t))
-        masks = torch.tensor([[float(f in t) for f in features] for t in trials])
-        flips = torch.stack([p.score(features, masks) < threshold for p in probes])  # (P, T)
-        gains = [
-            (int(flips[:, k].sum()) - sum(covered)) / (len(t) - len(chosen))
-            for k, t in enumerate(trials)
-        ]
-        best = max(range(len(trials)), key=lambda k: (gains[k], -len(trials[k])))
-        if gains[best] <= 0:
-            break
-        chosen, covered = trials[best], flips[:, best].tolist()
+    with tqdm(desc="shared set: cover", total=max_size, unit="feature", leave=False) as bar:
+        while sum(covered) < share * len(probes):
+            trials = [
+                chosen + [f for f in u if f not in chosen]
+                for u in units
+                if any(f not in chosen for f in u)
+            ]
+            trials = [t for t in trials if len(t) <= max_size]
+            if not trials:
+                break
+            features = list(dict.fromkeys(f for t in trials for f in t))
+            masks = torch.tensor([[float(f in t) for f in features] for t in trials])
+            flips = torch.stack([p.score(features, masks) < threshold for p in probes])  # (P, T)
+            gains = [
+                (int(flips[:, k].sum()) - sum(covered)) / (len(t) - len(chosen))
+                for k, t in enumerate(trials)
+            ]
+            best = max(range(len(trials)), key=lambda k: (gains[k], -len(trials[k])))
+            if gains[best] <= 0:
+                break
+            bar.update(len(trials[best]) - len(chosen))
+            chosen, covered = trials[best], flips[:, best].tolist()
     return chosen, covered
 
 
