@@ -34,18 +34,18 @@ def together(ctx: Context, works: list[Work]) -> list[VerificationRecord]:
     kept_instructions = [w.instruction for w, _ in removed]
     kept = ctx.replies(kept_instructions, [[g for g in _minimal(w) if g != f] for w, f in removed])
     kept_verdicts = ctx.judged(kept_instructions, kept) if kept else []
-    checks: dict[int, list[MinimalityCheck]] = {id(w): [] for w in works}
+    checks: dict[int, list[MinimalityCheck]] = {w.result.prompt_id: [] for w in works}
     for (w, f), v, r in zip(removed, kept_verdicts, kept):
-        checks[id(w)].append(MinimalityCheck(feature=f, verdict=v, reply=r))
+        checks[w.result.prompt_id].append(MinimalityCheck(feature=f, verdict=v, reply=r))
     return [
         VerificationRecord(
             prompt_id=w.result.prompt_id,
             reply_after=reply,
             verdict_after=verdict,
             flip_verified=verdict == Verdict.COMPLIANCE,
-            minimality=checks[id(w)],
+            minimality=checks[w.result.prompt_id],
             one_minimal=verdict == Verdict.COMPLIANCE
-            and all(c.verdict == Verdict.REFUSAL for c in checks[id(w)]),
+            and all(c.verdict == Verdict.REFUSAL for c in checks[w.result.prompt_id]),
         )
         for w, reply, verdict in zip(works, replies, verdicts)
     ]
