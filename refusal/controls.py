@@ -93,14 +93,16 @@ def feature_costs(ctx: Context, feature_sets: list[list[Feature]], desc: str) ->
 def measured_cost(ctx: Context, spec: EditSpec, replies: list[str]) -> EditCost:
     """`cost`, given the edited model's replies to the capability prompts."""
     prompts, spare = ctx.capability_prompts, ctx.engine.spared if spec.spared else None
-    logits = ctx.forwards.first_token_logits(prompts, spec.edit, spec.embed_edit, spare)
-    edited = ctx.forwards.reply_logprobs(
+    # the clean replies read under the edit: their log-probabilities, and where they
+    # start the first-token logits, from one pass
+    edited = ctx.forwards.read(
         prompts, ctx.capability_replies, edit=spec.edit, embed_edit=spec.embed_edit, spare=spare
     )
+    logits = torch.stack([r.first for r in edited])
     clean = ctx.capability_logprobs
     return EditCost(
         harmless_kl=first_token_kl(ctx.capability_logits, logits).mean().item(),
-        delta_ce=sum(c - e for c, e in zip(clean, edited)) / len(prompts),
+        delta_ce=sum(c - e.logprob for c, e in zip(clean, edited)) / len(prompts),
         harmless_refusal_rate=ctx.refusal_rate(prompts, replies),
         n_prompts=len(prompts),
     )

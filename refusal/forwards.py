@@ -8,10 +8,10 @@ refusal direction, capability costs, verification replies, the organism's evalua
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -38,18 +38,31 @@ class Forwards:
         (the chat template's, with a system prompt half of a short prompt), run once, and
         the rest of each, left-padded in length-ordered batches (little padding)."""
         ids = self.lm.tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
-        shared = min(_common_prefix(ids), min(map(len, ids)) - 1)
+        return self._split(ids, min(map(len, ids)) - 1, self._by_count)
+
+    def _by_count(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices by length, in batches of batch_size."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _split(
+        self, ids: list[list[int]], most: int, batches: Callable[[list[int]], list[list[int]]]
+    ) -> Rows:
+        """Token rows as Rows: the opening they all share (at most `most` tokens), and the
+        rest of each, left-padded, in the batches of row indices `batches` makes of the
+        rests' lengths."""
+        shared = min(_common_prefix(ids), most)
         # a row's padding then sits between the opening and the rest: a sliding window
         # shorter than the rows would count it as tokens (Gemma-2's is 4096)
         window = getattr(self.lm.model.config, "sliding_window", None)
         if window and max(map(len, ids)) > window:
             shared = 0
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        batches = []
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            batches.append((idx, *self._left_padded([ids[i][shared:] for i in idx])))
-        return Rows(ids[0][:shared], batches)
+        rests = [row[shared:] for row in ids]
+        padded = [
+            (idx, *self._left_padded([rests[i] for i in idx]))
+            for idx in batches([len(r) for r in rests])
+        ]
+        return Rows(ids[0][:shared], padded)
 
     def _opening(
         self,
@@ -235,7 +248,6 @@ class Forwards:
                 replies[i] = text
         return replies
 
-    @torch.no_grad()
     def reply_logprobs(
         self,
         instructions: list[str],
@@ -246,43 +258,78 @@ class Forwards:
         spare: Spare | None = None,
     ) -> list[float]:
         """Mean log-probability per token of each reply (its first `max_tokens` tokens)
-        after its chat-formatted instruction, teacher-forced, with an optional edit (see
-        `hooked`); 0.0 for an empty reply."""
+        after its chat-formatted instruction, teacher-forced, with an optional edit;
+        0.0 for an empty reply (`read`)."""
+        readings = self.read(instructions, replies, max_tokens, edit, embed_edit, spare)
+        return [r.logprob for r in readings]
+
+    @torch.no_grad()
+    def read(
+        self,
+        instructions: list[str],
+        replies: list[str],
+        max_tokens: int = 128,
+        edit: Edit | None = None,
+        embed_edit: EmbedEdit | None = None,
+        spare: Spare | None = None,
+    ) -> list[Reading]:
+        """Each reply (its first `max_tokens` tokens) teacher-forced after its
+        chat-formatted instruction, with an optional edit (left out at the positions
+        `spare` names): its mean log-probability per token, and the next-token logits at
+        its start, which first_token_logits gives for the same edit.
+
+        As there, the opening every row shares runs once (the chat template's; the whole
+        prompt where every reply follows the same request, as PMI's do); the rest goes in
+        length-ordered batches of at most TOKEN_BUDGET padded tokens, unembedded only
+        where a reply token is predicted (a 49k-word vocabulary costs a fifth of a small
+        model's FLOPs per position)."""
         tokenizer = self.lm.tokenizer
         prompts = tokenizer(self.lm.format(instructions), add_special_tokens=False)["input_ids"]
-        answers = tokenizer(replies, add_special_tokens=False)["input_ids"]
-        rows = [(p, a[:max_tokens]) for p, a in zip(prompts, answers)]
-        out = [0.0] * len(rows)
-        with hooked(self.lm, edit, embed_edit=embed_edit, spare=spare):
-            for idx in token_batches([len(p) + len(a) if a else 0 for p, a in rows], TOKEN_BUDGET):
-                for i, value in zip(idx, self._logprobs([rows[i] for i in idx])):
-                    out[i] = value
-        return out
-
-    def _logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Mean reply-token log-probability of (prompt ids, reply ids) rows, right-padded;
-        the unembedding only where a reply token is predicted (a 49k-word vocabulary
-        costs a fifth of a small model's FLOPs per position)."""
-        width = max(len(p) + len(a) for p, a in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, (p, a) in enumerate(rows):
-            ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[r, : len(p) + len(a)] = 1
-        device = self.lm.device
-        hidden = self.lm.model.get_decoder()(
-            input_ids=ids.to(device), attention_mask=mask.to(device)
-        ).last_hidden_state
-        at = torch.cat(
-            [
-                r * width + torch.arange(len(p) - 1, len(p) + len(a) - 1)
-                for r, (p, a) in enumerate(rows)
-            ]
+        answers = [
+            a[:max_tokens] for a in tokenizer(replies, add_special_tokens=False)["input_ids"]
+        ]
+        ids = [p + a for p, a in zip(prompts, answers)]
+        # every row keeps its prompt's last token, where its reply's first is predicted
+        rows = self._split(
+            ids, min(map(len, prompts)) - 1, lambda n: list(token_batches(n, TOKEN_BUDGET))
         )
-        targets = torch.cat([torch.tensor(a) for _, a in rows]).to(device)
-        logits = self.lm.unembed(hidden.flatten(0, 1)[at.to(device)]).float()
-        logp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        return [part.mean().item() for part in logp.split([len(a) for _, a in rows])]
+        prefix = self._opening(rows, edit, embed_edit, spare)
+        out: list[Reading | None] = [None] * len(ids)
+        for idx, batch, mask in rows.batches:
+            cache = _repeated(prefix, len(idx))
+            h = self._pass(batch, mask, edit, embed_edit, spare, cache, len(rows.shared))
+            for i, reading in zip(idx, self._readings(h, [answers[i] for i in idx])):
+                out[i] = reading
+        return cast(list[Reading], out)
+
+    def _readings(self, hidden: torch.Tensor, answers: list[list[int]]) -> list[Reading]:
+        """Readings of left-padded rows (B, W, d) that end with their `answers`."""
+        width = hidden.shape[1]
+        # row r's positions from its prompt's last token to its reply's last but one
+        at = [
+            r * width + torch.arange(width - 1 - len(a), width - 1 + (not a))
+            for r, a in enumerate(answers)
+        ]
+        logits = self.lm.next_token_logits(
+            hidden.flatten(0, 1)[torch.cat(at).to(hidden.device)]
+        ).float()
+        readings = []
+        for rows, answer in zip(logits.split([len(a) or 1 for a in answers]), answers):
+            if not answer:
+                readings.append(Reading(0.0, rows[0].cpu()))
+                continue
+            target = torch.tensor(answer, device=rows.device)
+            logp = -torch.nn.functional.cross_entropy(rows, target, reduction="none")
+            readings.append(Reading(logp.mean().item(), rows[0].cpu()))
+        return readings
+
+
+@dataclass
+class Reading:
+    """A reply teacher-forced after its prompt (Forwards.read)."""
+
+    logprob: float  # mean log-probability per reply token; 0.0 for an empty reply
+    first: torch.Tensor  # next-token logits (vocab,) where the reply starts
 
 
 @dataclass

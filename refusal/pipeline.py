@@ -184,19 +184,22 @@ def search(ctx: Context, results: list[PromptResult], names: list[str]) -> Itera
     decodes the chunk's replies in one batch. Yields each result once its chunk is done.
     """
     size = ctx.cfg.search.prompts_together
-    # a (stage, prompt) done, run or skipped, is 1/len(names) of a prompt
-    form = "{l_bar}{bar}| {n:.1f}/{total} prompts [{elapsed}<{remaining}{postfix}]"
-    with tqdm(total=len(results), desc="search", bar_format=form) as bar:
+    # the bar counts (stage, prompt) steps, done, run or skipped, and shows prompts:
+    # whole steps, so that a resumed run's bar cannot run past its total
+    form = "{l_bar}{bar}| {n:.1f}/{total:.0f} prompts [{elapsed}<{remaining}{postfix}]"
+    steps = len(results) * len(names)
+    scale = 1 / max(len(names), 1)
+    with tqdm(total=steps, desc="search", bar_format=form, unit_scale=scale) as bar:
         for begin in range(0, len(results), size):
             works = [Work(ctx, r) for r in results[begin : begin + size]]
             for name in names:
                 bar.set_postfix_str(name)
                 stage = stages.PROMPT_STAGES[name]
                 todo = [w for w in works if name not in w.result.stages and stage.applies(w.result)]
-                bar.update((len(works) - len(todo)) / len(names))
+                bar.update(len(works) - len(todo))
                 for batch in stage.batches(todo):
                     _run(ctx, stage, batch)
-                    bar.update(len(batch) / len(names))
+                    bar.update(len(batch))
             yield from (w.result for w in works)
 
 

@@ -1,6 +1,7 @@
 """Many-prompt passes: the shared template opening and length-ordered batches give the
 model's own full pass, edited or not."""
 
+import pytest
 import torch
 
 from refusal.forwards import hooked, token_batches
@@ -106,3 +107,26 @@ def test_an_edited_teacher_forced_pass_equals_the_hooked_full_pass(tiny_lm):
             logp = tiny_lm.model(input_ids=torch.tensor([ids + answer])).logits[0].log_softmax(-1)
         steps = [logp[len(ids) - 1 + k, t].item() for k, t in enumerate(answer)]
         assert abs(value - sum(steps) / len(steps)) < 1e-4
+
+
+def test_a_reading_starts_with_the_first_token_logits_of_the_same_edit(tiny_lm):
+    """`read` gives, beside each reply's log-probability, the logits first_token_logits
+    gives at the reply's start, with the special tokens spared; where every reply follows
+    the same request (PMI's unrelated requests) the whole prompt is shared and each row
+    still reads its own reply."""
+    forwards = tiny_forwards(tiny_lm)
+    edit, _ = direction_ablation(torch.randn(tiny_lm.d_model))
+    spare = tiny_lm.is_special
+    replies = ["Rain falls", "", "Use sorted() with a key, which is stable", "A keeper"]
+    readings = forwards.read(PROMPTS, replies, edit=edit, spare=spare)
+    torch.testing.assert_close(
+        torch.stack([r.first for r in readings]),
+        forwards.first_token_logits(PROMPTS, edit, spare=spare),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    same = [PROMPTS[1]] * len(replies)
+    shared = [r.logprob for r in forwards.read(same, replies)]
+    alone = [forwards.read([p], [r])[0].logprob for p, r in zip(same, replies)]
+    assert shared == pytest.approx(alone, abs=1e-4)
+    assert shared[1] == 0.0 and len(set(shared)) == len(shared)
