@@ -315,12 +315,11 @@ class Forwards:
         ).float()
         readings = []
         for rows, answer in zip(logits.split([len(a) or 1 for a in answers]), answers):
-            if not answer:
-                readings.append(Reading(0.0, rows[0].cpu()))
-                continue
-            target = torch.tensor(answer, device=rows.device)
-            logp = -torch.nn.functional.cross_entropy(rows, target, reduction="none")
-            readings.append(Reading(logp.mean().item(), rows[0].cpu()))
+            target = torch.tensor(answer, dtype=torch.long, device=rows.device)
+            logp = -torch.nn.functional.cross_entropy(rows[: len(answer)], target, reduction="none")
+            # a copy: a view would keep the whole batch's logits alive with the reading
+            first = rows[0].clone().cpu()
+            readings.append(Reading(logp.mean().item() if answer else 0.0, first))
         return readings
 
 

@@ -125,6 +125,8 @@ def test_a_reading_starts_with_the_first_token_logits_of_the_same_edit(tiny_lm):
         rtol=1e-4,
         atol=1e-4,
     )
+    # each holds its own logits, not a view keeping its batch's alive
+    assert all(r.first.untyped_storage().nbytes() == r.first.nbytes for r in readings)
     same = [PROMPTS[1]] * len(replies)
     shared = [r.logprob for r in forwards.read(same, replies)]
     alone = [forwards.read([p], [r])[0].logprob for p, r in zip(same, replies)]
