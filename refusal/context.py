@@ -131,7 +131,8 @@ class Context:
     @cached_property
     def capability_logprobs(self) -> list[float]:
         """Their clean mean log-probability per token."""
-        return self.forwards.reply_logprobs(self.capability_prompts, self.capability_replies)
+        readings = self.forwards.read(self.capability_prompts, self.capability_replies)
+        return [r.logprob for r in readings]
 
     def written(self) -> list[Record]:
         """Every row already in results.jsonl (all of them on resume)."""

@@ -248,21 +248,6 @@ class Forwards:
                 replies[i] = text
         return replies
 
-    def reply_logprobs(
-        self,
-        instructions: list[str],
-        replies: list[str],
-        max_tokens: int = 128,
-        edit: Edit | None = None,
-        embed_edit: EmbedEdit | None = None,
-        spare: Spare | None = None,
-    ) -> list[float]:
-        """Mean log-probability per token of each reply (its first `max_tokens` tokens)
-        after its chat-formatted instruction, teacher-forced, with an optional edit;
-        0.0 for an empty reply (`read`)."""
-        readings = self.read(instructions, replies, max_tokens, edit, embed_edit, spare)
-        return [r.logprob for r in readings]
-
     @torch.no_grad()
     def read(
         self,

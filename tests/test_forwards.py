@@ -95,7 +95,7 @@ def test_an_edited_teacher_forced_pass_equals_the_hooked_full_pass(tiny_lm):
     forwards = tiny_forwards(tiny_lm)
     edit, embed_edit = direction_ablation(torch.randn(tiny_lm.d_model))
     replies = ["Rain falls on the roof", "Use sorted() with a key", "", "A keeper climbs"]
-    got = forwards.reply_logprobs(PROMPTS, replies, edit=edit, embed_edit=embed_edit)
+    got = [r.logprob for r in forwards.read(PROMPTS, replies, edit=edit, embed_edit=embed_edit)]
     tok = tiny_lm.tokenizer
     for prompt, reply, value in zip(PROMPTS, replies, got):
         ids = tok(tiny_lm.format([prompt]), add_special_tokens=False)["input_ids"][0]

@@ -232,11 +232,11 @@ def test_agreement_counts_the_confusion_matrix():
     assert a.precision["degenerate"] is None  # never given: no precision, not zero
 
 
-def test_reply_logprobs_teacher_force_the_reply(tiny_llama):
+def test_readings_teacher_force_the_reply(tiny_llama):
     """The mean log-probability of a reply equals the one read token by token."""
     forwards = tiny_forwards(tiny_llama, batch_size=2)
     instructions, replies = ["Hi", "Tell me a story please", "Hi"], ["Hello there", "Once", ""]
-    got = forwards.reply_logprobs(instructions, replies)
+    got = [r.logprob for r in forwards.read(instructions, replies)]
     tok = tiny_llama.tokenizer
     for instruction, reply, value in zip(instructions[:2], replies[:2], got):
         prompt = tok(tiny_llama.format([instruction]), add_special_tokens=False)["input_ids"][0]

@@ -196,8 +196,10 @@ def text_signals(instruction: str, reply: str, pmi: float = 0.0) -> Signals:
 def reply_pmi(forwards: Forwards, instructions: list[str], replies: list[str]) -> list[float]:
     """Per-token PMI of each reply with its request: its mean log-probability after its own
     request minus the mean of that after each of OTHER_REQUESTS (0 for an empty reply)."""
-    own = forwards.reply_logprobs(instructions, replies)
-    other = [forwards.reply_logprobs([o] * len(replies), replies) for o in OTHER_REQUESTS]
+    own = [r.logprob for r in forwards.read(instructions, replies)]
+    other = [
+        [r.logprob for r in forwards.read([o] * len(replies), replies)] for o in OTHER_REQUESTS
+    ]
     return [
         own[i] - sum(o[i] for o in other) / len(other) if replies[i].strip() else 0.0
         for i in range(len(replies))
