@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from refusal.interventions import Edit, EmbedEdit, Spare, sparing
 from refusal.judge import refusal_score
@@ -234,19 +235,39 @@ class Forwards:
         for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, leave=False):
             idx = order[start : start + self.batch_size]
             batch = self.lm.tokenize([instructions[i] for i in idx])
-            with hooked(self.lm, edit, layers, embed_edit, prompt_only, spare):
-                out = self.lm.generator.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=self.lm.tokenizer.pad_token_id,
-                )
-            texts = self.lm.tokenizer.batch_decode(
-                out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+            with hooked(self.lm, edit, layers, embed_edit, prompt_only, spare) as rows:
+                tokens = self._greedy(batch, max_new_tokens, rows)
+            texts = self.lm.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for i, text in zip(idx, texts):
                 replies[i] = text
         return replies
+
+    def _greedy(
+        self, batch: dict[str, torch.Tensor], max_new_tokens: int, rows: LiveRows
+    ) -> list[list[int]]:
+        """Each row's greedy tokens up to its end of turn (included). A row that ends leaves
+        the batch: HF generate keeps it to the longest reply's end, and in the 100-prompt
+        run's verification 62 % of its row-steps were such finished rows."""
+        lm = self.lm
+        ids, mask = batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+        ends = torch.tensor(lm.end_of_turn_ids, device=lm.device)
+        cache = DynamicCache(config=lm.model.config)
+        tokens: list[list[int]] = [[] for _ in range(len(ids))]
+        live = torch.arange(len(ids), device=lm.device)
+        for _ in range(max_new_tokens):
+            ids = lm.step(ids, mask, cache).argmax(-1)
+            for row, token in zip(live.tolist(), ids.tolist()):
+                tokens[row].append(token)
+            going = ~torch.isin(ids, ends)
+            if not going.any():
+                break
+            if not going.all():
+                keep = going.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                ids, mask, live = ids[keep], mask[keep], live[keep]
+                rows.live = live
+            ids, mask = ids[:, None], torch.cat([mask, mask.new_ones(len(mask), 1)], -1)
+        return tokens
 
     @torch.no_grad()
     def read(
@@ -379,6 +400,27 @@ def _on(edit: Edit | None, spare: Spare | None, ids: torch.Tensor) -> Edit | Non
     return edit if edit is None or spare is None else sparing(edit, spare(ids))
 
 
+@dataclass
+class LiveRows:
+    """The rows of a batch still generating, for edits built for the whole batch: `live`
+    indexes them (None while every row is), `size` is the batch's size."""
+
+    size: int = 0
+    live: torch.Tensor | None = None
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Live rows' `x` placed at their rows of the whole batch, finished rows zero."""
+        if self.live is None:
+            return x
+        out = x.new_zeros((self.size, *x.shape[1:]))
+        out[self.live] = x
+        return out
+
+    def part(self, x: torch.Tensor) -> torch.Tensor:
+        """The live rows of a whole batch's `x`."""
+        return x if self.live is None else x[self.live]
+
+
 @contextmanager
 def hooked(
     lm: LM,
@@ -387,16 +429,19 @@ def hooked(
     embed_edit: EmbedEdit | None = None,
     prompt_only: bool = False,
     spare: Spare | None = None,
-) -> Iterator[None]:
+) -> Iterator[LiveRows]:
     """Apply `edit` to the output of blocks `layers` (all by default), and `embed_edit` to
-    the embeddings, inside the model's own forward (HF generate) through forward hooks:
-    on every position, or on the prompt alone (prompt_only); `edit` is left out at the
-    positions `spare` names in each forward's tokens.
+    the embeddings, inside the model's own forward through forward hooks: on every
+    position, or on the prompt alone (prompt_only); `edit` is left out at the positions
+    `spare` names in each forward's tokens.
 
-    With KV caching the first forward is the prompt; later ones are generated tokens.
+    With KV caching the first forward is the prompt; later ones are generated tokens. A
+    decoder that drops finished rows says which remain in the yielded `LiveRows`: the edit,
+    built for the whole batch (per-row masks), still sees it, finished rows as zeros.
     """
+    rows = LiveRows()
     if edit is None and embed_edit is None:
-        yield
+        yield rows
         return
     state: dict[str, Any] = {"prefill": True, "edit": edit}
 
@@ -404,11 +449,15 @@ def hooked(
         return state["prefill"] or not prompt_only
 
     def tokens(module, args) -> None:  # each forward's input ids: the prompt, then new tokens
-        state["edit"] = _on(edit, spare, args[0])
+        if state["prefill"]:
+            rows.size = len(args[0])
+        state["edit"] = _on(edit, spare, rows.whole(args[0]))
 
     def block_hook(layer: int):
         def apply(module, args, output):
-            return state["edit"](layer, output) if edit is not None and live() else output
+            if edit is None or not live():
+                return output
+            return rows.part(state["edit"](layer, rows.whole(output)))
 
         return apply
 
@@ -418,13 +467,15 @@ def hooked(
     handles.append(embeddings.register_forward_pre_hook(tokens))
     if embed_edit is not None:
         handles.append(
-            embeddings.register_forward_hook(lambda m, a, out: embed_edit(out) if live() else out)
+            embeddings.register_forward_hook(
+                lambda m, a, out: rows.part(embed_edit(rows.whole(out))) if live() else out
+            )
         )
     handles.append(
         lm.blocks[lm.n_layers - 1].register_forward_hook(lambda *_: state.update(prefill=False))
     )
     try:
-        yield
+        yield rows
     finally:
         for handle in handles:
             handle.remove()

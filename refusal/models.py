@@ -218,6 +218,22 @@ class LM:
                 hidden = edit(layer, hidden)
         return hidden
 
+    def step(self, ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Logits of the next token after each row of `ids` (B, T), through the model's own
+        forward (its forward hooks fire), continuing the sequences `cache` holds;
+        `attention_mask` spans the cached tokens and these, left padding marked 0. Positions
+        count unpadded tokens, as HF generate counts them."""
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=positions[:, -ids.shape[1] :],
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_keyword: cache},
+        )
+        return out.logits[:, -1]
+
     def next_token_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the next token from the final-layer residual at one position."""
         return self.unembed(self.model.model.norm(last_hidden))

@@ -132,3 +132,36 @@ def test_a_reading_starts_with_the_first_token_logits_of_the_same_edit(tiny_lm):
     alone = [forwards.read([p], [r])[0].logprob for p, r in zip(same, replies)]
     assert shared == pytest.approx(alone, abs=1e-4)
     assert shared[1] == 0.0 and len(set(shared)) == len(shared)
+
+
+def test_rows_that_end_leave_the_batch_and_the_rest_keep_their_own_edit(tiny_lm, monkeypatch):
+    """Greedy replies of a batch whose rows end at different steps, each row under its
+    own edit, equal HF generate's for each prompt alone: rows dropped as they end leave
+    the others' tokens, positions and edits as they were."""
+    forwards = tiny_forwards(tiny_lm)
+    push = torch.randn(len(PROMPTS), tiny_lm.d_model, generator=torch.Generator().manual_seed(2))
+
+    def edit_of(rows: torch.Tensor):
+        return lambda layer, h: h + 2 * rows[:, None] if layer == 1 else h
+
+    def alone(prompt: str, row: torch.Tensor) -> list[int]:
+        batch = tiny_lm.tokenize([prompt])
+        with hooked(tiny_lm, edit_of(row[None])), torch.no_grad():
+            out = tiny_lm.generator.generate(
+                **batch, max_new_tokens=8, do_sample=False, eos_token_id=tiny_lm.end_of_turn_ids
+            )
+        return out[0, batch["input_ids"].shape[1] :].tolist()
+
+    # end the turn on tokens two of the replies write early
+    free = [alone(p, row) for p, row in zip(PROMPTS, push)]
+    monkeypatch.setattr(tiny_lm.model.generation_config, "eos_token_id", [free[0][1], free[2][3]])
+    expected = [alone(p, row) for p, row in zip(PROMPTS, push)]
+    lengths = [
+        next((k + 1 for k, t in enumerate(e) if t in tiny_lm.end_of_turn_ids), 8) for e in expected
+    ]
+    assert min(lengths) < max(lengths)  # rows end at different steps
+    # generate orders prompts by length: the edit's rows follow that order
+    order = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
+    got = forwards.generate(PROMPTS, edit_of(push[order]), max_new_tokens=8)
+    texts = [tiny_lm.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    assert got == texts
