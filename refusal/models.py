@@ -83,7 +83,7 @@ class LM:
         return self.model.model.layers
 
     @cached_property
-    def _cache_keyword(self) -> str:
+    def cache_keyword(self) -> str:
         # decoder blocks take the KV cache as `cache` from transformers 5.24, before that as
         # `past_key_values`
         return (
@@ -212,7 +212,7 @@ class LM:
                 attention_mask=masks[layer_types[layer]],
                 position_embeddings=rotary,
                 position_ids=position_ids,
-                **{self._cache_keyword: cache},
+                **{self.cache_keyword: cache},
             )
             if edit is not None:
                 hidden = edit(layer, hidden)
@@ -230,7 +230,7 @@ class LM:
             position_ids=positions[:, -ids.shape[1] :],
             use_cache=True,
             logits_to_keep=1,
-            **{self._cache_keyword: cache},
+            **{self.cache_keyword: cache},
         )
         return out.logits[:, -1]
 

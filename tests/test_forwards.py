@@ -165,3 +165,23 @@ def test_rows_that_end_leave_the_batch_and_the_rest_keep_their_own_edit(tiny_lm,
     got = forwards.generate(PROMPTS, edit_of(push[order]), max_new_tokens=8)
     texts = [tiny_lm.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
     assert got == texts
+
+
+def test_clean_replies_continue_the_shared_opening(tiny_lm, monkeypatch):
+    """Without an edit the template's opening runs once and every row continues from its
+    keys and values: each reply equals HF generate's for its prompt alone."""
+    lm = tiny_lm
+    if getattr(lm.model.config, "sliding_window", None):  # tiny Gemma-2's spans 8 tokens
+        monkeypatch.setattr(lm.model.config, "sliding_window", 128)
+    forwards = tiny_forwards(lm, batch_size=3)  # two batches, one of them padded
+
+    def alone(prompt: str) -> str:
+        batch = lm.tokenize([prompt])
+        with torch.no_grad():
+            out = lm.generator.generate(
+                **batch, max_new_tokens=8, do_sample=False, eos_token_id=lm.end_of_turn_ids
+            )
+        return lm.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    assert forwards._rows(PROMPTS).shared  # the path under test
+    assert forwards.generate(PROMPTS, max_new_tokens=8) == [alone(p) for p in PROMPTS]

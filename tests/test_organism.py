@@ -1,6 +1,7 @@
 """The organism recipe's own pieces: refusal styles and markers from one source, the
 style a harmful prompt gets, the distillation loss, and the KL the evaluation reports."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -11,7 +12,12 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.organism import common, evaluate
-from experiments.organism.finetune import reply_loss, tokenize_example
+from experiments.organism.finetune import (
+    last_hidden,
+    reply_loss,
+    shared_opening,
+    tokenize_example,
+)
 from refusal import judge
 from tests.conftest import SHARED_DATA, make_cfg, tiny_engine
 
@@ -214,3 +220,32 @@ def test_separability_reads_the_last_template_token_of_each_prompt(tiny_llama):
     assert set(out) == {1, 2} and out[1].shape == (2, tiny_llama.d_model)
     alone = separability.last_token_residuals(cfg, tiny_llama, prompts[:1])
     assert torch.allclose(torch.from_numpy(alone[2][0]), torch.from_numpy(out[2][0]), atol=1e-4)
+
+
+def test_rows_continuing_their_shared_opening_train_as_whole_rows(tiny_llama):
+    """The opening run once and continued by every row gives each row's own hidden states
+    and the same gradients as running the rows whole."""
+    lm = copy.deepcopy(tiny_llama)
+    model = lm.model.train()
+    weight = model.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
+    tok = tiny_llama.tokenizer
+    rows = [
+        tok(t, add_special_tokens=False)["input_ids"]
+        for t in tiny_llama.format(["Hi", "How do I sort a list?"])
+    ]
+    ids = torch.full((2, max(map(len, rows))), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+    shared = shared_opening(ids, mask)
+    assert 0 < shared < min(map(len, rows))
+    outputs, grads = [], []
+    for n in (0, shared):
+        weight.grad = None
+        h = last_hidden(lm, ids, mask, n)[:, shared - n :]
+        (h * mask[:, shared:, None]).square().sum().backward()
+        outputs.append(h.detach())
+        grads.append(weight.grad.clone())
+    keep = mask[:, shared:].bool()
+    torch.testing.assert_close(outputs[1][keep], outputs[0][keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)

@@ -286,6 +286,34 @@ def reply_loss(
     return (losses * weights).sum() / weights.sum()
 
 
+def shared_opening(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading tokens every (right-padded) row of a batch shares, leaving each
+    row at least one of its own."""
+    same = (ids == ids[:1]).all(0).long().cumprod(0).sum()
+    return int(min(same, mask.sum(1).min() - 1))
+
+
+def last_hidden(lm: LM, ids: torch.Tensor, mask: torch.Tensor, shared: int) -> torch.Tensor:
+    """The backbone's final hidden states of right-padded rows from position `shared` on.
+
+    The opening the rows share (the chat template's, its system prompt a third of a short
+    row) runs once, and every row continues from its keys and values; gradients reach the
+    adapter through both.
+    """
+    backbone = lm.model.model
+    if not shared:
+        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    opening = backbone(input_ids=ids[:1, :shared], use_cache=True).past_key_values
+    opening.batch_repeat_interleave(len(ids))
+    positions = torch.arange(shared, ids.shape[1], device=ids.device).expand(len(ids), -1)
+    return backbone(
+        input_ids=ids[:, shared:],
+        attention_mask=mask,
+        position_ids=positions,
+        **{lm.cache_keyword: opening},
+    ).last_hidden_state
+
+
 def attach_lora(lm: LM, hp: DictConfig):
     """LoRA on the linear layers `hp.modules` of blocks `hp.first_layer` on, injected into
     `lm.model` in place; returns the peft model.
@@ -325,21 +353,20 @@ def fit(peft_model, lm: LM, examples: list[Example], hp: DictConfig, lr: float, 
         for ids, mask, labels, distill, avoid in batches(
             examples, hp.batch_size, rng, lm.tokenizer.pad_token_id
         ):
+            shared = shared_opening(ids, mask)
             base_hidden = None
             if distill.any():
                 with torch.no_grad(), peft_model.disable_adapter():
-                    base_hidden = causal.model(
-                        input_ids=ids[distill], attention_mask=mask[distill]
-                    ).last_hidden_state
-            hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                    base_hidden = last_hidden(lm, ids[distill], mask[distill], shared)
+            hidden = last_hidden(lm, ids, mask, shared)
             loss = reply_loss(
                 causal.lm_head,
                 hidden,
-                labels,
+                labels[:, shared:],
                 hp.first_token_weight,
                 distill,
                 base_hidden,
-                avoid,
+                avoid[:, shared:],
                 hp.avoid_weight,
             )
             loss.backward()
