@@ -232,6 +232,8 @@ class Forwards:
         """Greedy replies, batched with left padding, prompts sorted by length (little
         padding); `edit` applied at `layers` (all by default), see `hooked`. Without an edit
         the opening every prompt shares runs once (`_rows`), as in the other passes."""
+        if not instructions:  # a resumed stage may have none left
+            return []
         # an edit may be built for the whole batch in this order (per-row masks): its
         # rows run whole, the opening included
         rows = self._rows(instructions) if edit is None and embed_edit is None else None

@@ -185,3 +185,4 @@ def test_clean_replies_continue_the_shared_opening(tiny_lm, monkeypatch):
 
     assert forwards._rows(PROMPTS).shared  # the path under test
     assert forwards.generate(PROMPTS, max_new_tokens=8) == [alone(p) for p in PROMPTS]
+    assert forwards.generate([]) == []  # a resumed stage may have no prompt left
