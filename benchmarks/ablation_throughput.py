@@ -22,8 +22,15 @@ Plus a matmul peak measured in the same run, the engine's FLOP/s against it (MFU
 the FLOPs its scores need: the blocks it runs, its walk one token a pass), the FLOPs
 batched_hooked spends on the same masks (their ratio: how much of the speed-up is work
 skipped rather than work done faster), peak memory, the flip agreement of engine and naive
-on the FM's masks, and batched greedy filtering against one-at-a-time elimination.
-Writes outputs/bench.json (`bench.out`).
+on the FM's masks, batched greedy filtering against one-at-a-time elimination, and parity:
+every family's masks scored again with the model and SAEs in the other of float32 /
+bfloat16 (how far the scores move, how many flip decisions stay). Writes
+outputs/bench.json (`bench.out`).
+
+Random weights refuse nothing, so their walk through the markers ends at its first token
+and no mask flips anything. `bench.plant_opening` makes them refuse: the unembedding is
+edited (refusal.planted.plant_opening) so that their greedy reply to the eval prompts opens
+with that refusal marker, and the walk runs its tokens as on a model that refuses.
 
 The run is set up as the search's (refusal.pipeline.setup), and the candidates of a prompt
 are the search's own (refusal.stages.greedy.candidates), read off the refusal direction that
@@ -34,9 +41,10 @@ layers= / search.* overrides work as for train.py; the benchmark's own are `benc
 
     python -m benchmarks.ablation_throughput                          # the organism
     python -m benchmarks.ablation_throughput bench.mix_run=outputs/train/runs/<run>
-    # on a GPU: full depth, bf16, the paper's layers, compiled blocks
+    # on a GPU: full depth, bf16, the paper's layers, compiled blocks, made to refuse
     python -m benchmarks.ablation_throughput model=gemma2_2b_shape sae=random sae.width=16384 \
-        layer=gemma2_paper search.compile=true
+        layer=gemma2_paper search.compile=true search.direction.filter_prompts=false \
+        'bench.plant_opening="That could seriously endanger people"'
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from statistics import mean
@@ -61,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import refusal
-from refusal import fm
+from refusal import fm, planted
 from refusal.context import Context, Work
 from refusal.engine import Engine, PromptProbe
 from refusal.features import Feature
@@ -421,9 +429,47 @@ def utilisation(flops: dict[str, float], evals_per_s: dict[str, float], peak: fl
     return {"mfu": mfu["engine"], "batched_hooked_mfu": mfu["batched_hooked"]}
 
 
+def in_dtype(engine: Engine, dtype: torch.dtype) -> Engine:
+    """The same engine with its model and SAEs cast to `dtype` (copies, not compiled)."""
+    # transformers wraps `to` in functools.wraps(nn.Module.to), which mypy reads as unbound
+    model = copy.deepcopy(engine.lm.model).to(dtype)  # type: ignore[arg-type]
+    lm = replace(engine.lm, model=model, compiled=None)
+    saes = {layer: copy.deepcopy(sae).to(dtype=dtype) for layer, sae in engine.saes.items()}
+    return Engine(lm, saes, engine.intervention, engine.batch_size, openings=engine.openings)
+
+
+def parity(ctx: Context, fam: Families, dtype: torch.dtype) -> dict:
+    """Every family's masks scored with the model and SAEs in `dtype` against the run's
+    own precision: how far the opening scores move, and how many flip decisions (score
+    below the flip threshold) stay the same."""
+    other = in_dtype(ctx.engine, dtype)
+    probe = PromptProbe(other, other.prepare(fam.prompt))
+    per_family, flips = {}, []
+    for name, calls in fam.calls.items():
+        ours = torch.cat([fam.probe.score(c.features, c.masks) for c in calls]).float()
+        theirs = torch.cat([probe.score(c.features, c.masks) for c in calls]).float()
+        same = ((ours < ctx.flip_threshold) == (theirs < ctx.flip_threshold)).tolist()
+        flips += same
+        per_family[name] = {
+            "max_abs_diff": (ours - theirs).abs().max().item(),
+            "mean_abs_diff": (ours - theirs).abs().mean().item(),
+            "flip_agreement": mean(same),
+        }
+    return {
+        "dtypes": [str(ctx.lm.dtype), str(dtype)],
+        "clean_score": [fam.probe.cache.score, probe.cache.score],
+        "max_abs_diff": max(f["max_abs_diff"] for f in per_family.values()),
+        "flip_agreement": mean(flips),
+        "families": per_family,
+    }
+
+
 def run(cfg: DictConfig) -> dict:
     ctx = setup(cfg)
     engine, lm, bench = ctx.engine, ctx.lm, cfg.bench
+    if bench.plant_opening:
+        fitted = ctx.prompts.eval[: bench.plant_prompts]
+        planted.plant_opening(lm, bench.plant_opening, fitted)
     direction.run(ctx)
     fam = families(ctx, ctx.prompts.eval)
     batch = engine.batch_size
@@ -434,6 +480,7 @@ def run(cfg: DictConfig) -> dict:
         t |= utilisation(flops, t["evals_per_s"], peak)
     mixed = mix(timings, mix_weights(bench.mix_run, timings), peak)
     agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
+    other = torch.bfloat16 if lm.dtype == torch.float32 else torch.float32
     return {
         "ratio_vs_batched_hooked": mixed["ratio_vs_batched_hooked"],
         "flop_ratio_vs_batched_hooked": mixed["flop_ratio_vs_batched_hooked"],
@@ -452,7 +499,10 @@ def run(cfg: DictConfig) -> dict:
             t["max_abs_diff_engine_vs_hooked"] for t in timings.values()
         ),
         "greedy": greedy_comparison(ctx, ctx.prompts.eval[: bench.n_greedy]),
+        "parity": parity(ctx, fam, other) if bench.parity else None,
         "prompt_id": fam.prompt_id,
+        # the benchmark prompt's clean greedy opening: what the walk follows
+        "clean_reply": ctx.forwards.generate([fam.prompt], max_new_tokens=16)[0],
         "minimal_set": [str(f) for f in fam.minimal],
         "minimal_set_is_real": fam.minimal_is_real,
         "batch_size": batch,

@@ -14,16 +14,23 @@ find that latent; the run shows every stage in seconds.
   residual, and the reply no longer opens with the refusal token.
 
 r itself is drawn from `seed`, so the model and its SAEs agree on it without sharing state.
+
+`plant_opening` sets a longer reply for the benchmark's random weights at real sizes
+(conf/model/*_shape.yaml): a greedy reply that opens with a whole refusal marker, so the
+engine's walk through the markers' trie runs several passes, as on a model that refuses.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from omegaconf import DictConfig
 from sae_lens import SAE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from refusal.models import LM
 
 
 def direction(d_model: int, seed: int) -> torch.Tensor:
@@ -76,3 +83,48 @@ def plant_sae(sae: SAE, spec: DictConfig) -> None:
     sae.W_dec[spec.latent] = r
     sae.b_enc[spec.latent] = 0.0
     sae.b_dec -= (sae.b_dec @ r) * r  # the encoder reads h·r exactly
+
+
+@torch.no_grad()
+def plant_opening(lm: LM, text: str, prompts: list[str], max_scale: float = 2.0**16) -> float:
+    """Make `lm`'s greedy reply to each of `prompts` open with `text`, in place; returns
+    the scale it took.
+
+    The blocks are left alone; only the unembedding changes (untied from the embeddings
+    first). At reply step i the final state (normed) is read into token t_i's logit: t_i's
+    row gains `scale` times the i-th vector of the dual basis of the steps' mean states
+    (their pseudo-inverse), so the mean state of step i raises t_i's logit by `scale` and
+    no other step's target. `scale` doubles from 1 until every prompt's greedy reply,
+    teacher-forced along `text`, is `text`.
+    """
+    model = lm.model
+    reply = lm.reply_ids(text)
+    states = torch.stack([_reply_states(lm, prompt, reply) for prompt in prompts])  # (P, n, d)
+    dual = torch.linalg.pinv(states.mean(0).float())  # (d, n)
+    delta = torch.zeros(model.config.vocab_size, lm.d_model)
+    delta.index_add_(0, torch.tensor(reply), dual.T)
+    delta = delta.to(lm.device)
+    head = cast(torch.Tensor, model.get_output_embeddings().weight)
+    if head.data_ptr() == cast(torch.Tensor, model.get_input_embeddings().weight).data_ptr():
+        head = torch.nn.Parameter(head.detach().clone(), requires_grad=False)
+        model.get_output_embeddings().weight = head
+        model.config.tie_word_embeddings = False
+    logits = states.float() @ head.float().T  # (P, n, vocab); softcapping keeps the argmax
+    raised = states.float() @ delta.T
+    target = torch.tensor(reply, device=lm.device)
+    scale = 1.0
+    while not bool(((logits + scale * raised).argmax(-1) == target).all()):
+        scale *= 2
+        if scale > max_scale:
+            raise ValueError(f"no scale up to {max_scale} makes every reply open with {text!r}")
+    head += (scale * delta).to(head.dtype)
+    return scale
+
+
+def _reply_states(lm: LM, prompt: str, reply: list[int]) -> torch.Tensor:
+    """The final normed states (n, d) at the positions that predict each token of `reply`
+    after the chat-formatted prompt."""
+    ids = lm.tokenize([prompt])["input_ids"]
+    ids = torch.cat([ids, torch.tensor([reply], device=ids.device)], 1)
+    hidden = lm.model.model(input_ids=ids).last_hidden_state[0]
+    return hidden[-len(reply) - 1 : -1]

@@ -13,10 +13,21 @@ from refusal.judge import Openings
 from tests.conftest import CONF, tiny_engine
 from tests.test_engine import PROMPT, active_features, clean_reply
 
+OPENING = "I'm sorry, but I can't"
+
 
 @pytest.mark.slow
-def test_benchmark_writes_its_figures(tmp_path):
+@pytest.mark.parametrize("planted", [False, True], ids=["as loaded", "planted opening"])
+def test_benchmark_writes_its_figures(tmp_path, planted):
     out = tmp_path / "bench.json"
+    # random weights refuse nothing: every prompt counted as refused, or made to open with a
+    # refusal marker on the first four eval prompts (the benchmark's and the agreement's),
+    # as on a GPU at real sizes
+    refusing = (
+        [f'bench.plant_opening="{OPENING}"', "bench.plant_prompts=4"]
+        if planted
+        else ["judge.threshold=-1000"]
+    )
     overrides = [
         "model=tiny_llama",
         "sae=random",
@@ -26,7 +37,7 @@ def test_benchmark_writes_its_figures(tmp_path):
         "bench.n_naive=3",
         "bench.max_new_tokens=4",
         "bench.n_greedy=2",
-        "judge.threshold=-1000",  # every prompt counts as refused
+        *refusing,
         "search.direction.filter_prompts=false",  # which would leave no harmless prompt
         f"bench.out={out}",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -39,8 +50,10 @@ def test_benchmark_writes_its_figures(tmp_path):
     )
     for key in (*result["headline"], "batch_size", "prompt_tokens", "device", "dtype"):
         assert result[key] is not None, key
-    # random weights refuse nothing: M is a stand-in, and says so
-    assert result["minimal_set_is_real"] is False and result["minimal_set"]
+    # planted: a refusal that ablating some of the candidates undoes, so the masks are drawn
+    # around greedy's own M; else nothing flips, M is a stand-in, and says so
+    assert result["clean_reply"].startswith(OPENING) is planted
+    assert result["minimal_set_is_real"] is planted and result["minimal_set"]
     families = result["families"]
     assert {"greedy", "fm", "random"} <= set(families)
     assert families["fm"]["n_masks"] == 24 and families["random"]["n_masks"] == 8
@@ -64,6 +77,28 @@ def test_benchmark_writes_its_figures(tmp_path):
     assert len(result["flip_agreement_per_prompt"]) == n_prompts
     assert all(isinstance(row["naive_reply"], str) for row in result["agreement_masks"])
     assert {"prompts", "batched_mean_evals", "sequential_mean_evals"} <= set(result["greedy"])
+    parity = result["parity"]
+    assert parity["dtypes"] == ["torch.float32", "torch.bfloat16"]
+    assert set(parity["families"]) == set(families)
+    assert 0 < parity["max_abs_diff"] < float("inf") and 0 <= parity["flip_agreement"] <= 1
+
+
+def test_an_engine_in_another_dtype_is_a_copy(tiny_llama):
+    """Parity scores the same masks on a cast copy: the same precision gives the same
+    scores, another moves them, and the engine it was copied from is left as it was."""
+    from benchmarks.ablation_throughput import in_dtype
+
+    engine = tiny_engine(tiny_llama, layers=(1, 2))
+    cache = engine.prepare(PROMPT)
+    features = active_features(engine, cache)
+    masks = torch.randint(0, 2, (8, len(features))).float()
+    ours = engine.score(cache, features, masks)
+    for dtype, same in ((torch.float32, True), (torch.bfloat16, False)):
+        other = in_dtype(engine, dtype)
+        assert other.lm.dtype == dtype and other.saes[1].W_enc.dtype == dtype
+        theirs = other.score(other.prepare(PROMPT), features, masks).float()
+        assert torch.equal(ours, theirs) is same and theirs.isfinite().all()
+    assert engine.lm.dtype == torch.float32 and engine.saes[1].W_enc.dtype == torch.float32
 
 
 def test_mix_weights_follow_a_runs_evaluations_per_stage(tmp_path):
