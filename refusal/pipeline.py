@@ -222,6 +222,7 @@ def summarize(
         None if ctx.selection is None else ctx.selection.record(),
         checks,
         batch_size=ctx.engine.batch_size,  # as tuned, or halved on out-of-memory
+        precision=str(ctx.lm.dtype).removeprefix("torch."),
         wall_seconds=time.time() - clock.started,
         stage_seconds=clock.seconds,
         judge_agreement=judge_agreement(ctx),

@@ -473,6 +473,9 @@ class Summary(Model):
     direction: dict[str, int] | None
     evals_per_s: float | None
     batch_size: int | None
+    # the precision the model ran in (model.dtype resolved: `auto` is float32 on a CPU,
+    # bfloat16 on a GPU); minimal sets move with it (docs/measurements.md)
+    precision: str | None = None
     seconds_per_prompt: list[float]
     median_seconds_per_prompt: float | None
     wall_seconds: float
@@ -491,8 +494,8 @@ class Summary(Model):
         controls: ControlsRecord | None = None,
         **run: Any,
     ) -> Summary:
-        """The summary of a run's prompt results; `run` adds batch_size, wall_seconds, seed,
-        versions, config and judge_agreement."""
+        """The summary of a run's prompt results; `run` adds batch_size, precision, wall_seconds,
+        seed, versions, config and judge_agreement."""
         searched = [r for r in results if r.searched]
         flipped = [r for r in searched if r.flip_verified and r.greedy]
         n_refused = sum(r.baseline.refused for r in results)

@@ -200,6 +200,7 @@ def load_shards(paths: list[Path], root: Path) -> Job:
         sorted(results, key=lambda r: r.prompt_id),
         None,
         batch_size=first.batch_size,
+        precision=first.precision,
         wall_seconds=max(s.wall_seconds for s in summaries),
         seed=first.seed,
         versions=first.versions,

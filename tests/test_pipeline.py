@@ -69,6 +69,7 @@ def test_every_stage_runs_end_to_end(tmp_path, flipping):
     ):
         assert key in summary
     assert summary["n_eval"] == 2
+    assert summary["precision"] == "float32"  # model.dtype auto, on a CPU
     parts = summary["stage_seconds"]
     assert list(parts) == ["setup", "baseline", "direction", "search", "controls", "cards"]
     assert 0 < sum(parts.values()) <= summary["wall_seconds"]
