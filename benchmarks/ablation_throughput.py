@@ -438,10 +438,11 @@ def in_dtype(engine: Engine, dtype: torch.dtype) -> Engine:
     return Engine(lm, saes, engine.intervention, engine.batch_size, openings=engine.openings)
 
 
-def parity(ctx: Context, fam: Families, dtype: torch.dtype) -> dict:
-    """Every family's masks scored with the model and SAEs in `dtype` against the run's
-    own precision: how far the opening scores move, and how many flip decisions (score
-    below the flip threshold) stay the same."""
+def parity(ctx: Context, fam: Families) -> dict:
+    """Every family's masks scored with the model and SAEs in the other of float32 /
+    bfloat16 against the run's own precision: how far the opening scores move, and how
+    many flip decisions (score below the flip threshold) stay the same."""
+    dtype = torch.bfloat16 if ctx.lm.dtype == torch.float32 else torch.float32
     other = in_dtype(ctx.engine, dtype)
     probe = PromptProbe(other, other.prepare(fam.prompt))
     per_family, flips = {}, []
@@ -480,7 +481,6 @@ def run(cfg: DictConfig) -> dict:
         t |= utilisation(flops, t["evals_per_s"], peak)
     mixed = mix(timings, mix_weights(bench.mix_run, timings), peak)
     agreed = flip_agreement(ctx, ctx.prompts.eval[bench.prompt :], bench)
-    other = torch.bfloat16 if lm.dtype == torch.float32 else torch.float32
     return {
         "ratio_vs_batched_hooked": mixed["ratio_vs_batched_hooked"],
         "flop_ratio_vs_batched_hooked": mixed["flop_ratio_vs_batched_hooked"],
@@ -499,7 +499,7 @@ def run(cfg: DictConfig) -> dict:
             t["max_abs_diff_engine_vs_hooked"] for t in timings.values()
         ),
         "greedy": greedy_comparison(ctx, ctx.prompts.eval[: bench.n_greedy]),
-        "parity": parity(ctx, fam, other) if bench.parity else None,
+        "parity": parity(ctx, fam) if bench.parity else None,
         "prompt_id": fam.prompt_id,
         # the benchmark prompt's clean greedy opening: what the walk follows
         "clean_reply": ctx.forwards.generate([fam.prompt], max_new_tokens=16)[0],
